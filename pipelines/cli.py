@@ -1,0 +1,38 @@
+"""The `medmoco` command: one subcommand per stage (`python -m medmoco` works the same)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dicom_preprocess.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import preprocess
+
+    parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    stages = [
+        ("synth", "write a synthetic RSNA-like archive", preprocess.add_synth_arguments, preprocess.run_synth),
+        ("preprocess", "DICOM archive -> multi-window CT cache", preprocess.add_arguments, preprocess.run),
+        ("preprocess-merge", "join --shard outputs into one cache", preprocess.add_merge_arguments,
+         preprocess.run_merge),
+    ]
+    for name, help_text, add, run in stages:
+        stage = sub.add_parser(name, help=help_text)
+        add(stage)
+        stage.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -158,7 +158,8 @@ def _uncompressed_codes(ds, rows: int, cols: int, big_endian: bool) -> tuple[np.
     expected = rows * cols * bits_allocated // 8
     if len(data) < expected:
         raise SkipImage(
-            f"PixelData holds {len(data) / 1024:.0f} KB, expected {expected / 1024:.0f} KB (truncated file)"
+            f"PixelData holds {len(data):,} bytes, expected {expected:,} for {rows}x{cols}x{bits_allocated} bit "
+            "(truncated file)"
         )
     if bits_allocated == 8:
         codes = np.frombuffer(data, dtype=np.uint8, count=expected).astype(np.uint16)

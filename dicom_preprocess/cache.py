@@ -186,7 +186,7 @@ class CTCache:
     def labels(self, indices: Any = None) -> np.ndarray:
         """The six subtype labels as float32 (N, 6)."""
         frame = self.manifest if indices is None else self.manifest.iloc[indices]
-        return frame[list(SUBTYPES)].to_numpy(np.float32)
+        return np.array(frame[list(SUBTYPES)].to_numpy(np.float32))  # writable copy
 
     def indices(self, split: str | None = None, labeled: bool | None = None, subset: bool = False) -> np.ndarray:
         """Row indices of a split (``unsupervised``/``train``/``test``), optionally labeled / in the label subset."""

@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import preprocess
+    from . import preprocess, pretrain
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("preprocess", "DICOM archive -> multi-window CT cache", preprocess.add_arguments, preprocess.run),
         ("preprocess-merge", "join --shard outputs into one cache", preprocess.add_merge_arguments,
          preprocess.run_merge),
+        ("pretrain", "MoCo pretraining on the cache (torchrun/srun for DDP)", pretrain.add_arguments, pretrain.run),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)

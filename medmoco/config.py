@@ -1,0 +1,124 @@
+"""Config schemas of the training stages (YAML in configs/, validated here).
+
+Batch size semantics: ``batch_size`` is **per process** (per GPU); the global batch is
+``batch_size x world_size``. The learning rate is given per 256 images and scaled to the global
+batch (``lr x global_batch / 256``, the MoCo reference rule).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dicom_preprocess.config import (ConfigError, flatten, load_config, parse_overrides,  # noqa: F401
+                                     set_dotted, to_dict)
+
+from .transforms.views import AugmentConfig
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class MoCoConfig:
+    version: str = "v2"  # v1: linear head, T=0.07; v2: MLP head, T=0.2, blur
+    arch: str = "resnet50"
+    dim: int = 128
+    K: int = 65536
+    m: float = 0.999
+    T: float = 0.0  # 0: the version's default
+    mlp: str = "auto"  # auto | true | false
+    bn_splits: int = 1  # >1 emulates shuffle-BN in one process (split BatchNorm)
+
+    def __post_init__(self) -> None:
+        from .models import BACKBONES, MOCO_VERSIONS
+
+        if self.version not in MOCO_VERSIONS:
+            raise ConfigError(f"moco.version {self.version!r}: use v1 or v2")
+        if self.arch not in BACKBONES:
+            raise ConfigError(f"moco.arch {self.arch!r}: use one of {sorted(BACKBONES)}")
+        if self.K < 1 or self.dim < 1:
+            raise ConfigError(f"moco.K {self.K} and moco.dim {self.dim}: must be >= 1")
+        if not 0 <= self.m < 1:
+            raise ConfigError(f"moco.m {self.m}: must be in [0, 1)")
+        if self.mlp not in ("auto", "true", "false", True, False):
+            raise ConfigError(f"moco.mlp {self.mlp!r}: auto, true or false")
+
+    @property
+    def temperature(self) -> float:
+        from .models import MOCO_VERSIONS
+
+        return self.T or MOCO_VERSIONS[self.version]["T"]
+
+    @property
+    def use_mlp(self) -> bool:
+        from .models import MOCO_VERSIONS
+
+        if self.mlp in ("auto",):
+            return MOCO_VERSIONS[self.version]["mlp"]
+        return self.mlp in (True, "true")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.03  # per 256 images
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list = field(default_factory=lambda: [120, 160])  # epochs, for step
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adam"):
+            raise ConfigError(f"optim.name {self.name!r}: sgd or adam")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"optim.schedule {self.schedule!r}: cosine, step or constant")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr {self.lr}: must be > 0")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" -> MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "medmoco-pretrain"
+    run_name: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    cache: str = ""
+    run_dir: str = "runs/pretrain"
+    splits: list = field(default_factory=lambda: ["unsupervised"])
+    context: int = 0  # 2.5D: neighbouring slices s-k..s+k as extra channels
+    image_size: int = 224
+    epochs: int = 200
+    batch_size: int = 64  # per process (GPU); global = batch_size x world size
+    max_iters_per_epoch: int = 0  # 0: the whole split each epoch (small values for demos/tests)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler, CUDA only)
+    channels_last: bool = False
+    workers: int = 4
+    pin_memory: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    knn_every: int = 5  # epochs; 0 disables the kNN monitor
+    knn_samples: int = 2000
+    knn_k: int = 20
+    backend: str = ""  # "" -> nccl with CUDA, gloo otherwise
+    device: str = ""  # "" -> cuda when available
+    progress: bool = True
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp {self.amp!r}: use one of {AMP_MODES}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.context < 0 or self.workers < 0:
+            raise ConfigError("context and workers: must be >= 0")
+        if self.moco.bn_splits > 1 and self.batch_size % self.moco.bn_splits:
+            raise ConfigError(f"moco.bn_splits {self.moco.bn_splits}: must divide batch_size {self.batch_size}")

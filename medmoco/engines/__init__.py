@@ -1,0 +1,1 @@
+"""Ignite engines: MoCo pretraining (and, later, supervised fine-tuning)."""

@@ -1,0 +1,189 @@
+"""Stage: `medmoco pretrain --config FILE [--set key=value ...] [--resume auto|PATH]`.
+
+One process (CPU or one GPU): ``medmoco pretrain --config configs/pretrain/cpu_demo.yaml``.
+One node, N GPUs: ``torchrun --nproc_per_node=N -m medmoco pretrain --config ...``.
+SLURM, several nodes: ``srun python -m medmoco pretrain --config ...`` (srun alone, not srun +
+torchrun: ignite#2048); see configs/slurm/. ``batch_size`` is per process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from dicom_preprocess.config import ConfigError
+
+log = logging.getLogger("medmoco.pretrain")
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML (configs/pretrain/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. epochs=2")
+    parser.add_argument("--cache", help="cache directory (overrides the config)")
+    parser.add_argument("--run-dir", dest="run_dir", help="where checkpoints and exports go")
+    parser.add_argument("--resume", default="", help="auto (newest checkpoint of --run-dir) or a checkpoint path")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlflow.db)")
+
+
+def load_pretrain_config(args: argparse.Namespace):
+    from medmoco.config import PretrainConfig, load_config, parse_overrides, set_dotted
+
+    overrides = parse_overrides(args.set)
+    if args.cache:
+        overrides["cache"] = args.cache
+    if args.run_dir:
+        overrides["run_dir"] = args.run_dir
+    if args.tracking_uri:
+        set_dotted(overrides, "tracking.uri", args.tracking_uri)
+    return load_config(PretrainConfig, args.config, overrides)
+
+
+def validate(config) -> None:
+    """Fail before any work: missing cache, queue vs global batch, resume target."""
+    import ignite.distributed as idist
+
+    from dicom_preprocess import open_cache
+    from medmoco.models import check_queue_batch
+
+    if not config.cache:
+        raise ConfigError("cache: required (a directory made by `medmoco preprocess`)")
+    try:
+        open_cache(config.cache)
+    except FileNotFoundError as err:
+        raise ConfigError(f"cache: {err}") from None
+    try:
+        check_queue_batch(config.moco.K, config.batch_size * idist.get_world_size())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def training(local_rank: int, config, resume: str = "") -> dict:
+    """The whole run on one rank (ignite examples' ``training(local_rank, config)``)."""
+    import ignite.distributed as idist
+    import torch
+    from ignite.engine import Events
+    from ignite.utils import manual_seed
+
+    from dicom_preprocess import open_cache
+    from medmoco.config import flatten, to_dict
+    from medmoco.engines.knn import knn_monitor
+    from medmoco.engines.pretrain import (RNGState, attach_checkpointing, create_pretrainer,
+                                          find_resume_checkpoint, get_dataflow, in_channels, initialize)
+    from medmoco.models import export_backbone
+    from medmoco.models.backbones import feature_size
+    from medmoco.tracking import create_tracker
+
+    rank = idist.get_rank()
+    validate(config)
+    manual_seed(config.seed)  # ignite seeds torch, numpy and random (the seed is offset by rank nowhere: same init)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cache = open_cache(config.cache)
+    loader = get_dataflow(config, cache)
+    model, optimizer, scheduler, scaler, lr = initialize(config, cache, len(loader))
+    trainer = create_pretrainer(model, optimizer, scaler, config)
+    moco = getattr(model, "module", model)
+    rng_state = RNGState()
+    to_save = {"model": moco, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer,
+               "scaler": scaler, "rng": rng_state}
+    os.makedirs(config.run_dir, exist_ok=True)
+    resume_path, state = find_resume_checkpoint(resume, config.run_dir)
+    run_id = None
+    run_id_path = os.path.join(config.run_dir, RUN_ID_FILE)
+    if state is not None:
+        from ignite.handlers import Checkpoint
+
+        Checkpoint.load_objects(to_load=to_save, checkpoint=state)
+        if os.path.exists(run_id_path):
+            run_id = open(run_id_path).read().strip() or None
+        if rank == 0:
+            log.warning("resumed from %s (epoch %d)", resume_path, trainer.state.epoch)
+    world = idist.get_world_size()
+    tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
+                             config.tracking.run_name, run_id,
+                             tags={"stage": "pretrain", "cache_fingerprint": cache.fingerprint})
+    if rank == 0 and tracker.run_id:
+        with open(run_id_path, "w") as handle:
+            handle.write(tracker.run_id)
+    params = flatten(to_dict(config))
+    params.update({"world_size": world, "global_batch": config.batch_size * world, "effective_lr": lr,
+                   "in_channels": in_channels(config, cache), "steps_per_epoch": len(loader)})
+    tracker.log_params(params)
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _set_epoch(engine):
+        loader.sampler.set_epoch(engine.state.epoch)
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=max(1, config.log_every)))
+    def _log_iteration(engine):
+        tracker.log_metrics({"loss": engine.state.output["loss"], "lr": optimizer.param_groups[0]["lr"]},
+                            engine.state.iteration)
+
+    history = []
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _log_epoch(engine):
+        metrics = dict(engine.state.epoch_metrics)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        epoch = engine.state.epoch
+        if config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs) and rank == 0:
+            auc = knn_monitor(moco.encoder_q.backbone, cache, idist.device() if not config.device else config.device,
+                              config.knn_samples, config.knn_k, config.seed, config.context)
+            metrics.update({f"knn_auc_{k}": v for k, v in auc.items()})
+        tracker.log_metrics(metrics, epoch)
+        history.append({"epoch": epoch, **metrics})
+        if rank == 0:
+            log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+
+    # After _log_epoch (which steps the scheduler), so a checkpoint holds the next epoch's state.
+    attach_checkpointing(trainer, to_save, config)
+    if config.progress and rank == 0:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    status = "FAILED"
+    try:
+        trainer.run(loader, max_epochs=config.epochs)
+        status = "FINISHED"
+    finally:
+        tracker.finish(status if status == "FINISHED" else "KILLED")
+    export_path = os.path.join(config.run_dir, "backbone.pt")
+    if rank == 0:
+        export_backbone(moco, export_path, config.moco.arch, in_channels(config, cache),
+                        feature_size(config.moco.arch),
+                        meta={"cache_fingerprint": cache.fingerprint, "image_size": config.image_size,
+                              "context": config.context, "mlflow_run_id": tracker.run_id or "",
+                              "epochs": trainer.state.epoch})
+        if tracker.run_id:
+            tracker.log_artifact(export_path, "backbone")
+            tracker.set_tags({"backbone_export": os.path.abspath(export_path)})
+    idist.barrier()
+    return {"history": history, "run_id": tracker.run_id, "export": export_path, "epochs": trainer.state.epoch}
+
+
+def run(args: argparse.Namespace) -> int:
+    import ignite.distributed as idist
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_pretrain_config(args)
+    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # idist.Parallel initialises torch.distributed only when torchrun/srun set the environment;
+    # a plain `medmoco pretrain` runs in this one process.
+    in_launcher = "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
+    with idist.Parallel(backend=backend if in_launcher else None) as parallel:
+        parallel.run(_entry, config, args.resume)
+    return 0
+
+
+def _entry(local_rank: int, config, resume: str) -> None:
+    result = training(local_rank, config, resume)
+    import ignite.distributed as idist
+
+    if idist.get_rank() == 0:
+        print(f"pretraining done: {result['epochs']} epochs; backbone -> {result['export']}; "
+              f"MLflow run {result['run_id']}")

@@ -70,34 +70,57 @@ def _hex_id(rng: np.random.Generator, digits: int) -> str:
     return "ID_" + "".join(rng.choice(list("0123456789abcdef"), size=digits))
 
 
-def head_phantom(rows: int, cols: int, position: float, lesions: dict, rng: np.random.Generator) -> np.ndarray:
+def random_anatomy(rng: np.random.Generator) -> dict:
+    """One patient's head: size, aspect, position and tilt in the field of view, skull, texture."""
+    return {
+        "scale": float(rng.uniform(0.85, 1.1)), "aspect": float(rng.uniform(0.9, 1.1)),
+        "shift": (float(rng.uniform(-0.06, 0.06)), float(rng.uniform(-0.06, 0.06))),
+        "tilt": float(rng.uniform(-0.25, 0.25)), "skull": float(rng.uniform(0.05, 0.09)),
+        "bone": float(rng.uniform(900.0, 1400.0)), "texture": (float(rng.uniform(15, 30)), float(rng.uniform(0, 6.3))),
+        "sulci": int(rng.integers(18, 36)), "ventricles": float(rng.uniform(0.7, 1.4)),
+    }
+
+
+DEFAULT_ANATOMY = {"scale": 1.0, "aspect": 1.0, "shift": (0.0, 0.0), "tilt": 0.0, "skull": 0.07, "bone": 1100.0,
+                   "texture": (23.0, 0.0), "sulci": 28, "ventricles": 1.0}
+
+
+def head_phantom(rows: int, cols: int, position: float, lesions: dict, rng: np.random.Generator,
+                 anatomy: dict | None = None) -> np.ndarray:
     """HU image (rows, cols) of an axial slice at ``position`` in [0, 1] (skull base -> vertex).
 
     Args:
         lesions: subtype -> parameters (``angle``, ``size``, ``center``) for the lesions present.
+        anatomy: the patient's head (:func:`random_anatomy`); patients differ in it, as real
+            heads and their placement in the scanner do.
     """
+    anat = anatomy or DEFAULT_ANATOMY
     side = min(rows, cols)
     y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    y = (y - rows / 2.0) / side
-    x = (x - cols / 2.0) / side
-    scale = 0.55 + 0.45 * np.sqrt(max(0.0, 1.0 - ((position - 0.45) / 0.75) ** 2))
-    a, b = 0.36 * scale, 0.44 * scale
+    y = (y - rows / 2.0) / side - anat["shift"][1]
+    x = (x - cols / 2.0) / side - anat["shift"][0]
+    cos_t, sin_t = np.cos(anat["tilt"]), np.sin(anat["tilt"])
+    x, y = cos_t * x + sin_t * y, -sin_t * x + cos_t * y
+    scale = (0.55 + 0.45 * np.sqrt(max(0.0, 1.0 - ((position - 0.45) / 0.75) ** 2))) * anat["scale"]
+    a, b = 0.36 * scale * anat["aspect"], 0.44 * scale / anat["aspect"]
     radius = np.sqrt((x / a) ** 2 + (y / b) ** 2)  # 1 at the outer table
     angle = np.arctan2(y / b, x / a)
-    inner = 1.0 - 0.07 / scale
+    inner = 1.0 - anat["skull"] / scale
     hu = np.full((rows, cols), AIR, dtype=np.float32)
     skull = (radius <= 1.0) & (radius > inner)
     brain = radius <= inner
-    hu[skull] = 1100.0 + 500.0 * np.cos(8 * angle[skull]) ** 2
-    texture = 6.0 * np.sin(23 * x + 5 * np.sin(17 * y)) * np.cos(19 * y)
+    hu[skull] = anat["bone"] + 500.0 * np.cos(8 * angle[skull]) ** 2
+    freq, phase = anat["texture"]
+    texture = 6.0 * np.sin(freq * x + 5 * np.sin(17 * y + phase)) * np.cos(19 * y + phase)
     hu[brain] = 32.0 + texture[brain]
     # Sulci: thin CSF lines perpendicular to the cortex.
-    sulci = brain & (radius > inner - 0.18) & (np.abs(np.sin(28 * angle)) < 0.08)
+    sulci = brain & (radius > inner - 0.18) & (np.abs(np.sin(anat["sulci"] * angle)) < 0.08)
     hu[sulci] = 8.0
     ventricles = np.zeros_like(brain)
     if 0.3 < position < 0.75:
+        v = anat["ventricles"]
         for side_x in (-0.06, 0.06):
-            ventricles |= ((x - side_x) / 0.04) ** 2 + ((y + 0.02) / 0.11) ** 2 <= 1.0
+            ventricles |= ((x - side_x) / (0.04 * v)) ** 2 + ((y + 0.02) / (0.11 * v)) ** 2 <= 1.0
         hu[ventricles] = 5.0
     depth = inner - radius  # 0 at the inner table, positive inside
     for subtype, p in lesions.items():
@@ -119,7 +142,7 @@ def head_phantom(rows: int, cols: int, position: float, lesions: dict, rng: np.r
             if not mask.any():  # no ventricles in this slice: blood in the third ventricle region
                 mask = brain & (x**2 / 0.02**2 + y**2 / 0.05**2 <= 1.0)
         else:  # subarachnoid
-            mask = brain & (radius > inner - 0.2) & (np.abs(np.sin(28 * angle)) < 0.1) & (np.abs(offset) < 1.4)
+            mask = brain & (radius > inner - 0.2) & (np.abs(np.sin(anat["sulci"] * angle)) < 0.1) & (np.abs(offset) < 1.4)
         hu[mask] = blood
     hu += rng.normal(0.0, 4.0, size=hu.shape).astype(np.float32)
     return np.clip(np.rint(hu), AIR, 3000).astype(np.int16)
@@ -197,6 +220,7 @@ def synthesize(
     for _ in range(patients):
         patient_id = _hex_id(rng, 8)
         study_uid = _hex_id(rng, 10)
+        anatomy = random_anatomy(rng)
         for _ in range(int(rng.integers(1, 4))):
             series_uid = _hex_id(rng, 10)
             name, bits, signed, intercept = ENCODINGS[series_count % len(ENCODINGS)]
@@ -220,7 +244,7 @@ def synthesize(
             spacing = float(rng.choice([4.0, 5.0]))
             for k in range(n):
                 present = {s: p for s, p in lesions.items() if p["range"][0] <= k < p["range"][1]}
-                hu = head_phantom(shape[0], shape[1], k / max(1, n - 1), present, rng)
+                hu = head_phantom(shape[0], shape[1], k / max(1, n - 1), present, rng, anatomy)
                 labels = {s: int(s in present) for s in HEMORRHAGES}
                 labels["any"] = int(bool(present))
                 image_id = _hex_id(rng, 9)

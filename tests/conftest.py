@@ -45,3 +45,39 @@ def caches_equal(a, b) -> None:
     assert a.manifest[cols].equals(b.manifest[cols])
     for i in range(len(a)):
         np.testing.assert_array_equal(a[i], b[i])
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(archive, tmp_path_factory):
+    """32 px cache of the session archive, splits sized so train and test both hold labels."""
+    out = str(tmp_path_factory.mktemp("tiny"))
+    run_preprocess(PreprocessConfig(input=archive.images_dir, labels=archive.labels_csv, out=out, size=32,
+                                    workers=1, files_per_shard=64,
+                                    split_fractions={"unsupervised": 0.4, "train": 0.4, "test": 0.2}),
+                   progress=False)
+    return out
+
+
+def write_yaml(path, data) -> str:
+    import yaml
+
+    with open(path, "w") as handle:
+        yaml.safe_dump(data, handle)
+    return str(path)
+
+
+def pretrain_settings(cache: str, run_dir: str, db: str, **over) -> dict:
+    """A seconds-long MoCo config for tests (resnet18, 32 px, K=32)."""
+    data = {
+        "cache": cache, "run_dir": run_dir, "splits": ["unsupervised", "train", "test"], "image_size": 32,
+        "epochs": 4, "batch_size": 8, "max_iters_per_epoch": 4,
+        "moco": {"arch": "resnet18", "dim": 16, "K": 32, "m": 0.9, "bn_splits": 2},
+        "optim": {"lr": 0.5}, "workers": 0, "knn_every": 0, "log_every": 1, "progress": False,
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "test-pretrain"},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return data

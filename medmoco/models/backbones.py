@@ -13,7 +13,8 @@ from torch import nn
 
 
 def _resnext_bottleneck():
-    from monai.networks.layers.factories import Conv, Norm
+    from monai.networks.layers.factories import Conv
+    from monai.networks.layers.utils import get_norm_layer
     from monai.networks.nets.resnet import ResNetBottleneck
 
     class ResNeXtBottleneck(ResNetBottleneck):
@@ -23,15 +24,15 @@ def _resnext_bottleneck():
         groups = 32
         base_width = 4
 
-        def __init__(self, in_planes, planes, spatial_dims=3, stride=1, downsample=None, norm="batch"):
-            super().__init__(in_planes, planes, spatial_dims, stride, downsample, norm)
+        def __init__(self, in_planes, planes, spatial_dims=3, stride=1, downsample=None, norm="batch", **kwargs):
+            super().__init__(in_planes, planes, spatial_dims=spatial_dims, stride=stride, downsample=downsample,
+                             norm=norm, **kwargs)
             conv = Conv[Conv.CONV, spatial_dims]
-            bn = Norm[Norm.BATCH, spatial_dims]
             width = int(planes * self.base_width / 64) * self.groups
             self.conv1 = conv(in_planes, width, kernel_size=1, bias=False)
-            self.bn1 = bn(width)
+            self.bn1 = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=width)
             self.conv2 = conv(width, width, kernel_size=3, stride=stride, padding=1, groups=self.groups, bias=False)
-            self.bn2 = bn(width)
+            self.bn2 = get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=width)
             self.conv3 = conv(width, planes * self.expansion, kernel_size=1, bias=False)
 
     return ResNeXtBottleneck

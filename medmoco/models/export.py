@@ -83,10 +83,14 @@ def load_backbone_state(backbone: nn.Module, source: str | dict, allowed_missing
     else:
         state = payload
     state = strip_prefixes(state)
-    result = backbone.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(allowed_missing)]
     if missing:
         raise ValueError(f"pretrained weights lack {len(missing)} backbone keys, e.g. {missing[:5]}")
-    if len(result.unexpected_keys) == len(state):
+    if not set(state) & set(expected):
         raise ValueError("no key of the pretrained weights matches the backbone")
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: another arch or in_channels
+        raise ValueError(f"pretrained weights do not fit the backbone: {str(err)[:300]}") from None
     return list(result.missing_keys), list(result.unexpected_keys)

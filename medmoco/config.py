@@ -122,3 +122,75 @@ class PretrainConfig:
             raise ConfigError("context and workers: must be >= 0")
         if self.moco.bn_splits > 1 and self.batch_size % self.moco.bn_splits:
             raise ConfigError(f"moco.bn_splits {self.moco.bn_splits}: must divide batch_size {self.batch_size}")
+
+
+FINETUNE_MODES = ("finetune", "linear", "scratch")
+
+
+@dataclass
+class SupervisedAugmentConfig:
+    """Light augmentation for the labeled slices (MONAI transforms, per sample)."""
+
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1  # zoom 1 +/- scale
+    intensity_shift: float = 0.05
+    prob: float = 0.5  # of the affine and of the intensity shift
+
+
+@dataclass
+class FinetuneConfig:
+    """`medmoco finetune`: a six-subtype head on a MoCo (or random) backbone.
+
+    Modes (the RSNA lab's): ``finetune`` (MoCo init, whole network trained), ``linear`` (MoCo
+    init, backbone frozen in eval mode, only the head trains), ``scratch`` (random init).
+    """
+
+    cache: str = ""
+    run_dir: str = "runs/finetune"
+    mode: str = "finetune"
+    pretrained: str = ""  # medmoco backbone export, MoCo checkpoint, or runs:/<id> of a pretraining run
+    arch: str = ""  # "" -> the pretrained file's arch, else resnet50
+    label_fraction: float = 0.2  # of the labeled train split, stratified on `any`
+    subset_seed: int = 0  # which slices form the fraction (fixed across trials)
+    extra_labels: str = ""  # RSNA long-format CSV of newly labeled slices (e.g. from `medmoco select`)
+    train_split: str = "train"
+    eval_split: str = "test"
+    context: int = -1  # 2.5D neighbours; -1 -> the pretrained file's, else 0
+    image_size: int = 0  # 0 -> the cache's size
+    epochs: int = 10
+    batch_size: int = 32  # per process
+    max_iters_per_epoch: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.01, weight_decay=0.0))
+    class_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    pos_weight: list = field(default_factory=list)  # [] or six values
+    augment: SupervisedAugmentConfig = field(default_factory=SupervisedAugmentConfig)
+    amp: str = "none"
+    channels_last: bool = False
+    workers: int = 2
+    pin_memory: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 64
+    backend: str = ""
+    device: str = ""
+    progress: bool = True
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-finetune"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise ConfigError(f"mode {self.mode!r}: use one of {FINETUNE_MODES}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"label_fraction {self.label_fraction}: must be in (0, 1]")
+        if self.mode in ("finetune", "linear") and not self.pretrained:
+            raise ConfigError(f"pretrained: required for mode {self.mode!r} (a `medmoco pretrain` export or runs:/ID)")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp {self.amp!r}: use one of {AMP_MODES}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if len(self.class_weights) != 6:
+            raise ConfigError(f"class_weights {self.class_weights}: need six values (epidural .. any)")
+        if self.pos_weight and len(self.pos_weight) != 6:
+            raise ConfigError(f"pos_weight {self.pos_weight}: need six values or []")

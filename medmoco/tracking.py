@@ -45,6 +45,7 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def metric_history(self, keys) -> dict: return {}
 
 
 class MlflowTracker(NullTracker):
@@ -93,6 +94,10 @@ class MlflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def metric_history(self, keys) -> dict:
+        """``{key: [(step, value), ...]}`` as logged in this run."""
+        return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
 
 
 def create_tracker(enabled: bool, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,

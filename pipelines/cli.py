@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import preprocess, pretrain
+    from . import evaluate, finetune, preprocess, pretrain
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("preprocess-merge", "join --shard outputs into one cache", preprocess.add_merge_arguments,
          preprocess.run_merge),
         ("pretrain", "MoCo pretraining on the cache (torchrun/srun for DDP)", pretrain.add_arguments, pretrain.run),
+        ("finetune", "six-subtype classifier: finetune | linear | scratch", finetune.add_arguments, finetune.run),
+        ("evaluate", "metrics.json + predictions.csv of a model on a cache split", evaluate.add_evaluate_arguments,
+         evaluate.run_evaluate),
+        ("predict", "raw DICOMs -> Kaggle submission CSV", evaluate.add_predict_arguments, evaluate.run_predict),
+        ("select", "rank unlabeled slices for labeling", evaluate.add_select_arguments, evaluate.run_select),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)

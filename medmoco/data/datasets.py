@@ -56,11 +56,12 @@ class ContrastiveDataset(Dataset):
 class LabeledDataset(Dataset):
     """``(epoch, i)`` or ``i`` -> ``{"image": float (C, H, W), "label": float (6,), "index": row}``."""
 
-    def __init__(self, base: CacheSliceDataset, transform=None, seed: int = 0):
+    def __init__(self, base: CacheSliceDataset, transform=None, seed: int = 0, labels=None):
         self.base = base
         self.transform = transform
         self.seed = seed
-        self.labels = base.cache.labels(base.indices)
+        # labels: the cache's unless given (slices labeled later, e.g. `finetune --extra-labels`)
+        self.labels = base.cache.labels(base.indices) if labels is None else np.asarray(labels, np.float32)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -1,0 +1,245 @@
+"""Stages that use a trained classifier: `medmoco evaluate`, `medmoco predict`, `medmoco select`.
+
+``--model`` takes a ``model.pt`` written by `medmoco finetune`, ``runs:/<finetune run id>``
+(its logged ``model/model.pt``), or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``
+of the MLflow registry (``medmoco register``). Submission CSVs are in the Kaggle format:
+``ID,Label`` with six rows ``ID_<image>_<subtype>`` per image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+
+from dicom_preprocess.config import ConfigError
+
+log = logging.getLogger("medmoco.evaluate")
+
+
+def resolve_model(spec: str, tracking_uri: str = "") -> str:
+    """A local ``model.pt`` for a path, ``runs:/ID`` or ``models:/...`` URI.
+
+    Raises:
+        ConfigError: when nothing loadable is found.
+    """
+    if os.path.isfile(spec):
+        return spec
+    if os.path.isdir(spec):
+        found = _find_model_file(spec)
+        if found:
+            return found
+    if spec.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        from medmoco.tracking import resolve_tracking_uri
+
+        uri = spec
+        if spec.startswith("runs:/") and len(spec[len("runs:/"):].strip("/").split("/")) == 1:
+            uri = spec.rstrip("/") + "/model/model.pt"
+        try:
+            mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except Exception as err:
+            raise ConfigError(f"model {spec}: cannot fetch from MLflow ({str(err)[:200]})") from None
+        found = local if os.path.isfile(local) else _find_model_file(local)
+        if found:
+            return found
+    raise ConfigError(f"model {spec}: no model.pt found (a `medmoco finetune` model.pt, runs:/ID or models:/NAME@ALIAS)")
+
+
+def _find_model_file(root: str) -> str | None:
+    for dirpath, _, files in os.walk(root):
+        if "model.pt" in files:
+            return os.path.join(dirpath, "model.pt")
+    return None
+
+
+def write_submission(image_ids, probs, path: str) -> str:
+    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]."""
+    import numpy as np
+    import pandas as pd
+
+    from dicom_preprocess import SUBTYPES
+
+    ids = np.repeat(np.asarray(image_ids, dtype=str), len(SUBTYPES))
+    subtypes = np.tile(np.array(SUBTYPES), len(image_ids))
+    labels = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0).reshape(-1)
+    frame = pd.DataFrame({"ID": np.char.add(np.char.add(ids, "_"), subtypes), "Label": labels})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return path
+
+
+def predict_cache(model_path: str, cache_dir: str, split: str | None = None, device: str = "cpu",
+                  batch_size: int = 64):
+    """(image ids, probabilities (N, 6), rows, cache) of a cache split (all images when split is None)."""
+    from dicom_preprocess import open_cache
+    from medmoco.engines.supervised import predict_rows
+    from medmoco.models import load_classifier
+
+    model, info = load_classifier(model_path)
+    cache = open_cache(cache_dir)
+    windows = [w["name"] for w in cache.metadata["windows"]]
+    expected = [w["name"] for w in info["preprocess"].get("windows", [])]
+    if expected and windows != expected:
+        raise ValueError(f"cache {cache_dir} has windows {windows}, the model was trained on {expected}")
+    rows = cache.indices(split) if split and split != "all" else cache.indices()
+    model.to(device)
+    probs = predict_rows(model, cache, rows, info["context"], info["image_size"], device, batch_size)
+    ids = cache.manifest["image_id"].to_numpy()[rows]
+    return ids, probs, rows, cache
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--split", default="test", help="cache split (test, train, unsupervised) or 'all'")
+    parser.add_argument("--out", required=True, help="directory for metrics.json and predictions.csv")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
+
+
+def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cpu", tracking_uri: str = "") -> dict:
+    from medmoco.metrics import classification_metrics, markdown_table, metrics_table
+
+    path = resolve_model(model, tracking_uri)
+    if not os.path.isdir(cache_dir):
+        raise ConfigError(f"cache {cache_dir}: no such directory")
+    ids, probs, rows, cache = predict_cache(path, cache_dir, None if split == "all" else split, device)
+    os.makedirs(out, exist_ok=True)
+    write_submission(ids, probs, os.path.join(out, "predictions.csv"))
+    labeled = cache.manifest["labeled"].to_numpy()[rows]
+    metrics = {"model": model, "cache": os.path.abspath(cache_dir), "split": split, "n_images": int(len(rows)),
+               "n_labeled": int(labeled.sum())}
+    if labeled.any():
+        metrics.update(classification_metrics(cache.labels(rows[labeled]), probs[labeled]))
+        with open(os.path.join(out, "metrics.md"), "w") as handle:
+            handle.write(markdown_table(metrics_table(metrics)))
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=1)
+    return metrics
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    metrics = evaluate(args.model, args.cache, args.split, args.out, args.device, args.tracking_uri)
+    summary = (f"AUC mean {metrics['auc_mean']:.4f}, weighted log loss {metrics['weighted_logloss']:.4f}"
+               if "auc_mean" in metrics else "no labeled images: predictions only")
+    print(f"evaluated {metrics['n_images']} images of {args.split}: {summary}; -> {args.out}")
+    return 0
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
+    parser.add_argument("--input", required=True, help="DICOM folder, .zip or .tar(.gz)")
+    parser.add_argument("--out", required=True, help="submission CSV")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
+
+
+def preprocess_like_model(info: dict, input_path: str, out_dir: str, workers: int = 1):
+    """Run the preprocessing recorded in the model (windows, mode, size) on raw DICOMs -> a cache."""
+    from dicom_preprocess.config import PreprocessConfig
+    from dicom_preprocess.job import run_preprocess
+
+    pre = info["preprocess"]
+    windows = [{"name": w["name"], "center": w["center"], "width": w["width"]} for w in pre["windows"]]
+    config = PreprocessConfig(input=input_path, out=out_dir, size=int(pre["size"]), windows=windows,
+                              window_mode=pre.get("window_mode", "linear"), workers=workers,
+                              split_fractions={"unsupervised": 1.0, "train": 0.0, "test": 0.0})
+    return run_preprocess(config, progress=False)
+
+
+def predict(model: str, input_path: str, out: str, workers: int = 1, device: str = "cpu",
+            tracking_uri: str = "") -> dict:
+    from medmoco.models.export import read_weights
+
+    path = resolve_model(model, tracking_uri)
+    info = {k: v for k, v in read_weights(path).items() if k != "state_dict"}
+    if not os.path.exists(input_path):
+        raise ConfigError(f"input {input_path}: no such file or directory")
+    with tempfile.TemporaryDirectory(prefix="medmoco-predict-") as work:
+        summary = preprocess_like_model(info, input_path, os.path.join(work, "cache"), workers)
+        if summary.cached == 0:
+            raise ValueError(f"input {input_path}: no readable image ({summary.skipped} skipped)")
+        ids, probs, _, cache = predict_cache(path, os.path.join(work, "cache"), None, device)
+        skipped = cache.errors()
+    write_submission(ids, probs, out)
+    if len(skipped):
+        skipped.to_csv(os.path.splitext(out)[0] + ".skipped.csv", index=False)
+    return {"images": len(ids), "skipped": len(skipped), "out": out}
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    result = predict(args.model, args.input, args.out, args.workers, args.device, args.tracking_uri)
+    print(f"predicted {result['images']} images ({result['skipped']} skipped) -> {result['out']}")
+    return 0
+
+
+# --- select -----------------------------------------------------------------------------------
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--n", type=int, required=True, help="number of slices to send for labeling")
+    parser.add_argument("--strategy", choices=("uncertainty", "random"), default="uncertainty")
+    parser.add_argument("--by-series", dest="by_series", action="store_true",
+                        help="keep whole series together (ranked by their mean uncertainty)")
+    parser.add_argument("--split", default="unsupervised")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="CSV of image ids (with series and score)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
+
+
+def uncertainty(probs):
+    """Predictive uncertainty of a multi-label prediction: the mean binary entropy over the six
+    subtypes (nats), highest where the model is least sure (p near 0.5)."""
+    import numpy as np
+
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    return (-(p * np.log(p) + (1 - p) * np.log(1 - p))).mean(axis=1)
+
+
+def select(model: str, cache_dir: str, n: int, strategy: str, out: str, by_series: bool = False,
+           split: str = "unsupervised", seed: int = 0, device: str = "cpu", tracking_uri: str = "") -> "pd.DataFrame":  # noqa: F821
+    import numpy as np
+    import pandas as pd
+
+    if n < 1:
+        raise ConfigError(f"n {n}: must be >= 1")
+    path = resolve_model(model, tracking_uri)
+    ids, probs, rows, cache = predict_cache(path, cache_dir, split, device)
+    series = cache.manifest["series_uid"].to_numpy()[rows]
+    rng = np.random.default_rng(seed)
+    score = uncertainty(probs) if strategy == "uncertainty" else rng.random(len(rows))
+    frame = pd.DataFrame({"image_id": ids, "series_id": series, "score": score})
+    if by_series:
+        ranked = frame.groupby("series_id")["score"].mean().sort_values(ascending=False, kind="stable")
+        chosen, total = [], 0
+        for sid in ranked.index:  # whole series until n slices are reached
+            if total >= n:
+                break
+            part = frame[frame["series_id"] == sid]
+            chosen.append(part)
+            total += len(part)
+        picked = pd.concat(chosen) if chosen else frame.iloc[:0]
+    else:
+        picked = frame.sort_values("score", ascending=False, kind="stable").head(n)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    picked.to_csv(out, index=False)
+    return picked
+
+
+def run_select(args: argparse.Namespace) -> int:
+    picked = select(args.model, args.cache, args.n, args.strategy, args.out, args.by_series, args.split, args.seed,
+                    args.device, args.tracking_uri)
+    print(f"selected {len(picked)} slices ({picked['series_id'].nunique()} series, strategy {args.strategy}) "
+          f"-> {args.out}")
+    return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dicom_preprocess.config import (ConfigError, flatten, load_config, parse_overrides,  # noqa: F401
+from dicom_preprocess.config import (ConfigError, flatten, from_mapping, load_config, parse_overrides,  # noqa: F401
                                      set_dotted, to_dict)
 
 from .transforms.views import AugmentConfig
@@ -81,6 +81,7 @@ class TrackingConfig:
     experiment: str = "medmoco-pretrain"
     run_name: str = ""
     enabled: bool = True
+    parent_run_id: str = ""  # makes this run a child (the label-efficiency experiment's trials)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, finetune, preprocess, pretrain
+    from . import evaluate, experiment, finetune, preprocess, pretrain
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
          evaluate.run_evaluate),
         ("predict", "raw DICOMs -> Kaggle submission CSV", evaluate.add_predict_arguments, evaluate.run_predict),
         ("select", "rank unlabeled slices for labeling", evaluate.add_select_arguments, evaluate.run_select),
+        ("experiment", "label-efficiency experiment: modes x label fractions x trials", experiment.add_arguments,
+         experiment.run),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)

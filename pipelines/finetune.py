@@ -200,7 +200,9 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                              config.tracking.run_name, run_id,
                              tags={"stage": "finetune", "mode": config.mode, "label_fraction": config.label_fraction,
                                    "cache_fingerprint": cache.fingerprint, "pretrain_run_id": pretrain_run,
-                                   "arch": config.arch})
+                                   "arch": config.arch,
+                                   **({"mlflow.parentRunId": config.tracking.parent_run_id}
+                                      if config.tracking.parent_run_id else {})})
     if rank == 0 and tracker.run_id:
         with open(run_id_path, "w") as handle:
             handle.write(tracker.run_id)

@@ -81,3 +81,42 @@ def pretrain_settings(cache: str, run_dir: str, db: str, **over) -> dict:
         else:
             data[key] = value
     return data
+
+
+@pytest.fixture(scope="session")
+def cls_archive(tmp_path_factory):
+    """16 patients of small series (128 px) so that the train and test splits hold positives."""
+    return synthesize(str(tmp_path_factory.mktemp("cls-synth")), patients=16, seed=3, slices_per_series=(4, 6),
+                      rows=128)
+
+
+@pytest.fixture(scope="session")
+def cls_cache(cls_archive, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cls-cache"))
+    run_preprocess(PreprocessConfig(input=cls_archive.images_dir, labels=cls_archive.labels_csv, out=out, size=32,
+                                    workers=1, files_per_shard=64,
+                                    split_fractions={"unsupervised": 0.3, "train": 0.4, "test": 0.3}),
+                   progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory):
+    """A real `medmoco pretrain`-format export of a (freshly initialised) resnet18 MoCo backbone."""
+    from medmoco.models import build_moco, export_backbone
+
+    torch_seed = __import__("torch").manual_seed(0)  # noqa: F841
+    moco = build_moco("resnet18", 3, dim=16, K=32, bn_splits=1)
+    path = str(tmp_path_factory.mktemp("backbone") / "backbone.pt")
+    return export_backbone(moco, path, "resnet18", 3, 512, meta={"image_size": 32, "context": 0,
+                                                                 "mlflow_run_id": "pretrain-run-x"})
+
+
+def finetune_settings(cache: str, run_dir: str, db: str, **over) -> dict:
+    data = {"cache": cache, "run_dir": run_dir, "arch": "resnet18", "epochs": 2, "batch_size": 8,
+            "label_fraction": 1.0, "workers": 0, "progress": False, "eval_batch_size": 32,
+            "optim": {"name": "adam", "lr": 0.05, "weight_decay": 0.0},
+            "tracking": {"uri": f"sqlite:///{db}", "experiment": "test-finetune"}}
+    for key, value in over.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data

@@ -1,0 +1,152 @@
+"""Stage: `medmoco experiment --config configs/experiments/label_efficiency.yaml [--trials N]`.
+
+Runs every (mode, label fraction, trial) as a `medmoco finetune` child run of one MLflow parent
+run, then writes ``table.csv``/``table.md`` (per-class test AUC mean +/- std over trials per mode
+and fraction) and ``label_efficiency.png`` (mean AUC vs label fraction, one line per mode, error
+bars) and logs them to the parent. Trials differ in the seed of initialisation and data order;
+the labeled subset of a fraction is the same for every trial and mode (``subset_seed``), so the
+modes are compared on identical labels. Finished trials are skipped when the command is rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from dicom_preprocess.config import ConfigError
+
+log = logging.getLogger("medmoco.experiment")
+
+
+@dataclass
+class ExperimentConfig:
+    cache: str = ""
+    pretrained: str = ""
+    run_dir: str = "runs/experiment"
+    modes: list = field(default_factory=lambda: ["finetune", "linear", "scratch"])
+    label_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.2, 1.0])
+    trials: int = 3
+    finetune: dict = field(default_factory=dict)
+    tracking: dict = field(default_factory=lambda: {"experiment": "medmoco-label-efficiency"})
+
+    def __post_init__(self) -> None:
+        for mode in self.modes:
+            if mode not in ("finetune", "linear", "scratch"):
+                raise ConfigError(f"modes: {mode!r} is not finetune, linear or scratch")
+        for fraction in self.label_fractions:
+            if not 0 < float(fraction) <= 1:
+                raise ConfigError(f"label_fractions: {fraction} must be in (0, 1]")
+        if self.trials < 1:
+            raise ConfigError(f"trials {self.trials}: must be >= 1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trials", type=int)
+    parser.add_argument("--tracking-uri", dest="tracking_uri")
+
+
+def trial_configs(exp: ExperimentConfig):
+    """(name, FinetuneConfig) for every mode x fraction x trial, validated before anything runs."""
+    from medmoco.config import FinetuneConfig, from_mapping
+
+    out = []
+    for mode in exp.modes:
+        for fraction in exp.label_fractions:
+            for trial in range(exp.trials):
+                name = f"{mode}-f{fraction}-t{trial}"
+                data = {**exp.finetune, "cache": exp.cache, "mode": mode, "label_fraction": float(fraction),
+                        "seed": trial, "run_dir": os.path.join(exp.run_dir, name),
+                        "pretrained": exp.pretrained if mode != "scratch" else "",
+                        "tracking": {**exp.finetune.get("tracking", {}), **exp.tracking, "run_name": name}}
+                out.append((name, mode, float(fraction), trial, from_mapping(FinetuneConfig, data, "experiment")))
+    return out
+
+
+def summarise(results) -> "pd.DataFrame":  # noqa: F821
+    """Per (mode, fraction): mean and std over trials of every per-class AUC and the mean AUC."""
+    import pandas as pd
+
+    frame = pd.DataFrame(results)
+    metrics = [c for c in frame.columns if c.startswith("auc_")] + ["weighted_logloss"]
+    grouped = frame.groupby(["mode", "label_fraction"])[metrics].agg(["mean", "std"])
+    grouped.columns = [f"{m}_{s}" for m, s in grouped.columns]
+    grouped["trials"] = frame.groupby(["mode", "label_fraction"]).size()
+    return grouped.reset_index()
+
+
+def markdown(table) -> str:
+    from dicom_preprocess import SUBTYPES
+
+    cols = [f"auc_{c}" for c in SUBTYPES] + ["auc_mean"]
+    head = "| mode | fraction | " + " | ".join(c[4:] for c in cols) + " | trials |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for _, row in table.iterrows():
+        cells = [f"{row[c + '_mean']:.3f} ± {0 if row[c + '_std'] != row[c + '_std'] else row[c + '_std']:.3f}"
+                 for c in cols]
+        lines.append(f"| {row['mode']} | {row['label_fraction']:g} | " + " | ".join(cells) + f" | {row['trials']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
+    from medmoco.reports import label_efficiency_figure
+    from medmoco.tracking import create_tracker
+    from pipelines.finetune import training
+
+    if tracking_uri:
+        exp.tracking["uri"] = tracking_uri
+    trials = trial_configs(exp)
+    os.makedirs(exp.run_dir, exist_ok=True)
+    parent_file = os.path.join(exp.run_dir, "mlflow_parent_run_id")
+    parent_id = open(parent_file).read().strip() if os.path.exists(parent_file) else None
+    parent = create_tracker(exp.tracking.get("enabled", True), exp.tracking.get("uri", ""),
+                            exp.tracking.get("experiment", "medmoco-label-efficiency"), "label-efficiency",
+                            parent_id, tags={"stage": "experiment"})
+    if parent.run_id:
+        with open(parent_file, "w") as handle:
+            handle.write(parent.run_id)
+        parent.log_params({"modes": exp.modes, "label_fractions": exp.label_fractions, "trials": exp.trials,
+                           "cache": exp.cache, "pretrained": exp.pretrained})
+    results = []
+    for i, (name, mode, fraction, trial, config) in enumerate(trials, 1):
+        done = os.path.join(config.run_dir, "result.json")
+        if os.path.exists(done):
+            results.append(json.load(open(done)))
+            continue
+        config.tracking.parent_run_id = parent.run_id or ""
+        print(f"[{i}/{len(trials)}] {name}", flush=True)
+        out = training(0, config)
+        record = {"mode": mode, "label_fraction": fraction, "trial": trial, "run_id": out["run_id"],
+                  **{k: v for k, v in out["metrics"].items() if k.startswith(("auc_", "weighted"))}}
+        with open(done + ".tmp", "w") as handle:
+            json.dump(record, handle)
+        os.replace(done + ".tmp", done)
+        results.append(record)
+    table = summarise(results)
+    table.to_csv(os.path.join(exp.run_dir, "table.csv"), index=False)
+    with open(os.path.join(exp.run_dir, "table.md"), "w") as handle:
+        handle.write(markdown(table))
+    label_efficiency_figure(table, os.path.join(exp.run_dir, "label_efficiency.png"))
+    for file in ("table.csv", "table.md", "label_efficiency.png"):
+        parent.log_artifact(os.path.join(exp.run_dir, file))
+    for _, row in table.iterrows():
+        parent.log_metrics({f"{row['mode']}_auc_mean": row["auc_mean_mean"]}, int(round(row["label_fraction"] * 1000)))
+    parent.finish("FINISHED")
+    return {"table": table, "run_id": parent.run_id, "dir": exp.run_dir}
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmoco.config import load_config, parse_overrides
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = parse_overrides(args.set)
+    if args.trials:
+        overrides["trials"] = args.trials
+    exp = load_config(ExperimentConfig, args.config, overrides)
+    result = run_experiment(exp, args.tracking_uri or "")
+    print(markdown(result["table"]))
+    print(f"table and plot -> {result['dir']}; MLflow parent run {result['run_id']}")
+    return 0

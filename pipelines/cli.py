@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, experiment, finetune, preprocess, pretrain
+    from . import evaluate, experiment, finetune, preprocess, pretrain, register
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("select", "rank unlabeled slices for labeling", evaluate.add_select_arguments, evaluate.run_select),
         ("experiment", "label-efficiency experiment: modes x label fractions x trials", experiment.add_arguments,
          experiment.run),
+        ("register", "register a finetune run's model in the MLflow registry", register.add_register_arguments,
+         register.run_register),
+        ("review", "registry versions side by side; --promote with a guard", register.add_review_arguments,
+         register.run_review),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)

@@ -82,6 +82,7 @@ class TrackingConfig:
     run_name: str = ""
     enabled: bool = True
     parent_run_id: str = ""  # makes this run a child (the label-efficiency experiment's trials)
+    retry_s: float = 30.0  # while the store is unreachable, calls are spooled and retried this often
 
 
 @dataclass
@@ -109,6 +110,7 @@ class PretrainConfig:
     knn_samples: int = 2000
     knn_k: int = 20
     backend: str = ""  # "" -> nccl with CUDA, gloo otherwise
+    dist_timeout_s: float = 1800.0  # a collective fails after this long without the other ranks
     device: str = ""  # "" -> cuda when available
     progress: bool = True
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -175,6 +177,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 64
     backend: str = ""
+    dist_timeout_s: float = 1800.0
     device: str = ""
     progress: bool = True
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-finetune"))

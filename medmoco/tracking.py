@@ -8,17 +8,37 @@ Where MLflow lives: ``--tracking-uri`` / ``tracking.uri``, else ``MLFLOW_TRACKIN
 the embedded default ``sqlite:///mlflow.db`` in the working directory, with artifacts in
 ``./mlartifacts`` beside it (MLflow 3 refuses the plain file store unless
 ``MLFLOW_ALLOW_FILE_STORE=true``; the registry needs a database store).
+
+A tracking server that goes away must not stop a multi-day job. When a call cannot reach the
+store, the tracker warns once, appends the call to ``run_dir/mlflow_spool.jsonl`` and goes on;
+every ``retry_s`` seconds it tries the store again and, once it answers, replays the spool in
+order (metrics keep the timestamps and steps of when they were logged). Whatever is still
+spooled when the job ends is replayed by ``medmoco tracking-replay --run-dir RUN_DIR``. A store
+unreachable at start works the same: the run is created on replay, and ``run_dir/mlflow_run_id``
+is written then.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
+RUN_ID_FILE = "mlflow_run_id"
+SPOOL_FILE = "mlflow_spool.jsonl"
+SPOOL_DONE_FILE = "mlflow_spool.done"
+SPOOL_ARTIFACTS = "mlflow_spool_artifacts"
+# MLflow's REST client retries 7 times with exponential backoff and a 120 s timeout by default:
+# minutes of a stalled training step per call while a server is down. The tracker asks for
+# less unless the user set these variables (they are read by MLflow at every request).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -28,6 +48,32 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return uri
 
 
+@contextmanager
+def tracking_uri_scope(uri: str) -> Iterator[str]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``register_model``) at ``uri`` for a block.
+
+    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (MLflow
+    does so that subprocesses inherit it), so a stage that set it and returned would redirect
+    every later command of the same process and its children. This restores both.
+    """
+    import mlflow
+
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before_tracking, before_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    resolved = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    try:
+        yield resolved
+    finally:
+        mlflow.set_tracking_uri(before_tracking)
+        mlflow.set_registry_uri(before_registry)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 def _artifact_root(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         base = os.path.dirname(uri[len("sqlite:///"):])
@@ -35,10 +81,30 @@ def _artifact_root(uri: str, experiment: str) -> str | None:
     return None  # a server decides
 
 
+def is_unreachable(err: BaseException) -> bool:
+    """True when ``err`` says the store could not be reached (as opposed to refusing the call)."""
+    try:
+        import requests
+
+        if isinstance(err, requests.exceptions.RequestException):
+            return True
+    except ImportError:  # pragma: no cover - requests comes with mlflow
+        pass
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    if type(err).__name__ == "MlflowException":
+        # the REST store wraps connection errors, timeouts and exhausted retries this way
+        return ("API request to" in text and "failed with exception" in text) or "TEMPORARILY_UNAVAILABLE" in text \
+            or "status code 50" in text
+    return type(err).__name__ == "OperationalError"  # sqlalchemy: database locked or gone
+
+
 class NullTracker:
     """What ranks > 0 (and runs with tracking disabled) get: every call is a no-op."""
 
     run_id = None
+    active = False
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -48,63 +114,288 @@ class NullTracker:
     def metric_history(self, keys) -> dict: return {}
 
 
+class Spool:
+    """Tracking calls that could not be sent, in order, as JSON lines in a run directory.
+
+    ``mlflow_spool.done`` holds how many lines were already sent, written after each one, so a
+    replay killed half-way resumes after the last call that reached the store.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, SPOOL_FILE)
+        self.done_path = os.path.join(run_dir, SPOOL_DONE_FILE)
+
+    def append(self, op: dict) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        if op["op"] == "log_artifact":  # keep a copy: the original may be a temporary file
+            keep = os.path.join(self.run_dir, SPOOL_ARTIFACTS, f"{self.count():06d}")
+            os.makedirs(keep, exist_ok=True)
+            target = os.path.join(keep, os.path.basename(op["path"].rstrip("/")))
+            (shutil.copytree if os.path.isdir(op["path"]) else shutil.copyfile)(op["path"], target)
+            op = {**op, "path": target}
+        with open(self.path, "a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell():
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # a line torn by a kill: end it, it is skipped on reading
+                    handle.write(b"\n")
+            handle.write((json.dumps(op) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def ops(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as handle:
+            lines = handle.read().splitlines()
+        ops = []
+        for line in lines:
+            try:
+                ops.append(json.loads(line))
+            except json.JSONDecodeError:  # torn by a kill: the call it held was never acknowledged
+                continue
+        return ops
+
+    def done(self) -> int:
+        try:
+            with open(self.done_path) as handle:
+                return int(handle.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def mark_done(self, count: int) -> None:
+        tmp = self.done_path + ".tmp"
+        with open(tmp, "w") as handle:
+            handle.write(str(count))
+        os.replace(tmp, self.done_path)
+
+    def count(self) -> int:
+        return len(self.ops())
+
+    def pending(self) -> list[dict]:
+        return self.ops()[self.done():]
+
+    def clear(self) -> None:
+        for path in (self.path, self.done_path):
+            if os.path.exists(path):
+                os.remove(path)
+        shutil.rmtree(os.path.join(self.run_dir, SPOOL_ARTIFACTS), ignore_errors=True)
+
+
 class MlflowTracker(NullTracker):
-    """One MLflow run: params, metrics, tags, artifacts; reattaches to ``run_id`` when given."""
+    """One MLflow run: params, metrics, tags, artifacts; reattaches to ``run_id`` when given.
+
+    Args:
+        uri: tracking URI ("" -> ``MLFLOW_TRACKING_URI`` -> ``sqlite:///mlflow.db``).
+        experiment: experiment name (created when missing).
+        run_name, tags: of a new run.
+        run_id: an existing run to continue (a resumed job).
+        run_dir: where ``mlflow_run_id`` and the spool live; without it an unreachable store
+            raises instead of spooling.
+        retry_s: seconds between attempts to reach a store that went away.
+    """
+
+    active = True
 
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 tags: Mapping[str, Any] | None = None):
+                 tags: Mapping[str, Any] | None = None, run_dir: str | None = None, retry_s: float = 30.0,
+                 resume: bool = False, start: bool = True):
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        if run_id:
+        self.experiment = experiment
+        self.run_dir = run_dir
+        self.spool = Spool(run_dir) if run_dir else None
+        self.retry_s = retry_s
+        self.run_id = run_id
+        self._offline_until = 0.0
+        self._warned = False
+        self._local_history: dict[str, list] = {}
+        if not start:  # replay only
+            return
+        pending_creation = False
+        if self.spool and self.spool.pending():
+            # An earlier process of this run directory left calls behind: they go first.
+            pending_creation = any(op["op"] == "create_run" for op in self.spool.pending())
+            if self._flush():
+                pending_creation = False
+                if resume and run_id is None:
+                    run_id = recorded_run_id(run_dir)
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=_artifact_root(self.uri, experiment))
-            run = self.client.create_run(exp_id, run_name=run_name or None,
-                                         tags={k: str(v) for k, v in (tags or {}).items()})
-            self.run_id = run.info.run_id
+        if run_id is not None:
+            self._call({"op": "update_run", "status": "RUNNING"})
+        elif not (resume and pending_creation):  # else: continue the run whose creation is spooled
+            self._call({"op": "create_run", "experiment": experiment, "run_name": run_name or "",
+                        "tags": {k: str(v) for k, v in (tags or {}).items()}})
 
+    # -- the calls -------------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self._call({"op": "log_params", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+        items = [[k, float(v), now, int(step)] for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
+        for key, value, _, at in items:
+            self._local_history.setdefault(key, []).append((at, value))
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._call({"op": "log_metrics", "metrics": items})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._call({"op": "set_tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        self._call({"op": "log_artifact", "path": os.path.abspath(path), "artifact_path": artifact_path})
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        self._call({"op": "set_terminated", "status": status}, retry_now=True)
+        if self.spool and self.spool.pending():
+            log.warning("MLflow at %s is unreachable: %d tracking calls are kept in %s; send them with "
+                        "`medmoco tracking-replay --run-dir %s`", self.uri, len(self.spool.pending()),
+                        self.spool.path, self.run_dir)
 
     def metric_history(self, keys) -> dict:
-        """``{key: [(step, value), ...]}`` as logged in this run."""
-        return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
+        """``{key: [(step, value), ...]}`` as logged in this run (this process's values when the
+        store cannot be reached)."""
+        if self.run_id and not self.offline:
+            try:
+                return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, k))
+                        for k in keys}
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+        return {k: sorted(self._local_history.get(k, [])) for k in keys}
+
+    @property
+    def offline(self) -> bool:
+        return bool(self.spool and self.spool.pending())
+
+    # -- sending, spooling, replaying ----------------------------------------------------------
+    def _call(self, op: dict, retry_now: bool = False) -> None:
+        if op["op"] != "create_run":
+            op = {**op, "run_id": self.run_id}  # None: the run of the create_run spooled before it
+        if self.spool and self.spool.pending():
+            if retry_now or time.monotonic() >= self._offline_until:
+                self._flush()
+            if self.spool.pending():
+                self.spool.append({**op, "uri": self.uri})
+                return
+        try:
+            self._apply(op)
+        except Exception as err:
+            if not (self.spool and is_unreachable(err)):
+                raise
+            self._go_offline(err)
+            self.spool.append({**op, "uri": self.uri})
+
+    def _go_offline(self, err: BaseException) -> None:
+        self._offline_until = time.monotonic() + self.retry_s
+        if not self._warned:
+            log.warning("MLflow at %s is unreachable (%s); training goes on, tracking calls are kept in %s "
+                        "and sent when it answers again (retry every %.0f s)", self.uri, str(err)[:160],
+                        self.spool.path, self.retry_s)
+            self._warned = True
+
+    def _flush(self) -> bool:
+        """Send the spooled calls in order; False (and offline again) when the store is still away."""
+        ops, done = self.spool.ops(), self.spool.done()
+        self._created = self.run_id or recorded_run_id(self.run_dir)
+        for index in range(done, len(ops)):
+            try:
+                self._apply(ops[index])
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                self._go_offline(err)
+                return False
+            self.spool.mark_done(index + 1)
+        self.spool.clear()
+        if self._warned:
+            log.warning("MLflow at %s answers again: %d spooled tracking calls sent", self.uri, len(ops) - done)
+            self._warned = False
+        return True
+
+    def _apply(self, op: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        run_id = op.get("run_id") or getattr(self, "_created", None) or self.run_id
+        if kind == "create_run":
+            exp = self.client.get_experiment_by_name(op["experiment"])
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                op["experiment"], artifact_location=_artifact_root(self.uri, op["experiment"]))
+            run = self.client.create_run(exp_id, run_name=op["run_name"] or None, tags=op["tags"])
+            self.run_id = self._created = run.info.run_id
+            if self.run_dir:
+                os.makedirs(self.run_dir, exist_ok=True)
+                tmp = os.path.join(self.run_dir, RUN_ID_FILE + ".tmp")
+                with open(tmp, "w") as handle:
+                    handle.write(self.run_id)
+                os.replace(tmp, os.path.join(self.run_dir, RUN_ID_FILE))
+        elif kind == "update_run":
+            self.client.update_run(run_id, status=op["status"])
+        elif kind == "log_params":
+            # A resumed run logs its params again; MLflow refuses a changed value, so keep the first.
+            existing = self.client.get_run(run_id).data.params
+            items = [Param(k, v) for k, v in op["params"].items() if k not in existing]
+            for start in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[start : start + 100])
+        elif kind == "log_metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
+            self.client.log_batch(run_id, metrics=metrics)
+        elif kind == "set_tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "log_artifact":
+            self.client.log_artifact(run_id, op["path"], op["artifact_path"])
+        elif kind == "set_terminated":
+            self.client.set_terminated(run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown spooled tracking call {kind!r}")
+
+
+def replay_spool(run_dir: str, uri: str = "") -> dict:
+    """Send what a run left in ``run_dir/mlflow_spool.jsonl`` (``medmoco tracking-replay``).
+
+    Raises:
+        FileNotFoundError: when ``run_dir`` holds no spool.
+        ConnectionError: when the store is still unreachable (nothing is lost; run it again).
+    """
+    spool = Spool(run_dir)
+    pending = spool.pending()
+    if not pending:
+        raise FileNotFoundError(f"{run_dir}: no spooled MLflow calls ({SPOOL_FILE} missing or all sent)")
+    tracker = MlflowTracker(uri or pending[0].get("uri", ""), "", run_dir=run_dir, start=False)
+    if not tracker._flush():
+        raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable; {len(spool.pending())} calls kept "
+                              f"in {spool.path}")
+    return {"sent": len(pending), "run_id": tracker.run_id, "uri": tracker.uri}
 
 
 def create_tracker(enabled: bool, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                   tags: Mapping[str, Any] | None = None) -> NullTracker:
-    """An :class:`MlflowTracker` on rank 0 when enabled, a :class:`NullTracker` elsewhere."""
+                   tags: Mapping[str, Any] | None = None, run_dir: str | None = None,
+                   resume: bool = False, retry_s: float = 30.0) -> NullTracker:
+    """An :class:`MlflowTracker` on rank 0 when enabled, a :class:`NullTracker` elsewhere.
+
+    With ``run_dir``, calls are spooled there while the store is unreachable, and ``resume``
+    continues the run recorded in ``run_dir/mlflow_run_id`` (or the one whose creation is still
+    spooled) instead of starting a new one.
+    """
     import ignite.distributed as idist
 
     if not enabled or idist.get_rank() != 0:
         return NullTracker()
-    return MlflowTracker(uri, experiment, run_name, run_id, tags)
+    if resume and run_id is None and run_dir:
+        run_id = recorded_run_id(run_dir)
+    return MlflowTracker(uri, experiment, run_name, run_id, tags, run_dir=run_dir, resume=resume, retry_s=retry_s)
+
+
+def recorded_run_id(run_dir: str) -> str | None:
+    """The MLflow run id a run directory belongs to, if one was created."""
+    path = os.path.join(run_dir, RUN_ID_FILE)
+    if os.path.exists(path):
+        return open(path).read().strip() or None
+    return None

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
          register.run_register),
         ("review", "registry versions side by side; --promote with a guard", register.add_review_arguments,
          register.run_review),
+        ("tracking-replay", "send the MLflow calls a run spooled while the server was unreachable",
+         add_replay_arguments, run_replay),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)
@@ -37,13 +39,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", dest="run_dir", required=True, help="the run directory holding mlflow_spool.jsonl")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", default="",
+                        help="where to send them (default: the URI the run used)")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from medmoco.tracking import replay_spool
+
+    try:
+        result = replay_spool(args.run_dir, args.tracking_uri)
+    except ConnectionError as err:
+        print(f"medmoco tracking-replay: {err}", file=sys.stderr)
+        return 1
+    print(f"sent {result['sent']} tracking calls to {result['uri']} (run {result['run_id']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dicom_preprocess.job import StorageFull
+    from medmoco.distributed import PeerFailure
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (PeerFailure, StorageFull) as err:
+        print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def resolve_model(spec: str, tracking_uri: str = "") -> str:
         if spec.startswith("runs:/") and len(spec[len("runs:/"):].strip("/").split("/")) == 1:
             uri = spec.rstrip("/") + "/model/model.pt"
         try:
-            mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+            store = resolve_tracking_uri(tracking_uri)  # passed, not set: set_tracking_uri leaks into os.environ
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, registry_uri=store)
         except Exception as err:
             raise ConfigError(f"model {spec}: cannot fetch from MLflow ({str(err)[:200]})") from None
         found = local if os.path.isfile(local) else _find_model_file(local)

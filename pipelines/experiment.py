@@ -100,16 +100,13 @@ def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
         exp.tracking["uri"] = tracking_uri
     trials = trial_configs(exp)
     os.makedirs(exp.run_dir, exist_ok=True)
-    parent_file = os.path.join(exp.run_dir, "mlflow_parent_run_id")
-    parent_id = open(parent_file).read().strip() if os.path.exists(parent_file) else None
+    # The parent run lives in run_dir (mlflow_run_id): a rerun continues it and skips finished trials.
     parent = create_tracker(exp.tracking.get("enabled", True), exp.tracking.get("uri", ""),
                             exp.tracking.get("experiment", "medmoco-label-efficiency"), "label-efficiency",
-                            parent_id, tags={"stage": "experiment"})
-    if parent.run_id:
-        with open(parent_file, "w") as handle:
-            handle.write(parent.run_id)
-        parent.log_params({"modes": exp.modes, "label_fractions": exp.label_fractions, "trials": exp.trials,
-                           "cache": exp.cache, "pretrained": exp.pretrained})
+                            tags={"stage": "experiment"}, run_dir=exp.run_dir, resume=True,
+                            retry_s=float(exp.tracking.get("retry_s", 30.0)))
+    parent.log_params({"modes": exp.modes, "label_fractions": exp.label_fractions, "trials": exp.trials,
+                       "cache": exp.cache, "pretrained": exp.pretrained})
     results = []
     for i, (name, mode, fraction, trial, config) in enumerate(trials, 1):
         done = os.path.join(config.run_dir, "result.json")

@@ -16,9 +16,9 @@ import logging
 import os
 
 from dicom_preprocess.config import ConfigError
+from medmoco.tracking import RUN_ID_FILE  # noqa: F401  (run_dir/mlflow_run_id, read by the demo)
 
 log = logging.getLogger("medmoco.finetune")
-RUN_ID_FILE = "mlflow_run_id"
 MODEL_FILE = "model.pt"
 
 
@@ -66,8 +66,8 @@ def resolve_pretrained(spec: str, tracking_uri: str = "") -> str:
         # runs:/ID alone means the backbone that `medmoco pretrain` logged under backbone/
         uri = spec if len(parts) == 2 else f"runs:/{parts[0]}/backbone/backbone.pt"
         try:
-            mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+            store = resolve_tracking_uri(tracking_uri)  # passed, not set: set_tracking_uri leaks into os.environ
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, registry_uri=store)
         except Exception as err:
             raise ConfigError(f"pretrained {spec}: cannot fetch {uri} from MLflow ({str(err)[:200]})") from None
         return os.path.join(local, "backbone.pt") if os.path.isdir(local) else local
@@ -189,23 +189,20 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                "scaler": scaler, "rng": RNGState(), "best": best}
     os.makedirs(config.run_dir, exist_ok=True)
     resume_path, state = find_resume_checkpoint(resume, config.run_dir)
-    run_id, run_id_path = None, os.path.join(config.run_dir, RUN_ID_FILE)
     if state is not None:
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-        run_id = open(run_id_path).read().strip() if os.path.exists(run_id_path) else None
         if rank == 0:
             log.warning("resumed from %s (epoch %d)", resume_path, trainer.state.epoch)
     pretrain_run = str(meta.get("mlflow_run_id", ""))
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
-                             config.tracking.run_name, run_id,
+                             config.tracking.run_name,
                              tags={"stage": "finetune", "mode": config.mode, "label_fraction": config.label_fraction,
                                    "cache_fingerprint": cache.fingerprint, "pretrain_run_id": pretrain_run,
                                    "arch": config.arch,
                                    **({"mlflow.parentRunId": config.tracking.parent_run_id}
-                                      if config.tracking.parent_run_id else {})})
-    if rank == 0 and tracker.run_id:
-        with open(run_id_path, "w") as handle:
-            handle.write(tracker.run_id)
+                                      if config.tracking.parent_run_id else {})},
+                             run_dir=config.run_dir, resume=state is not None,
+                             retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": global_batch, "effective_lr": lr, "image_size_used": size,
                    "in_channels": in_channels, "n_train": len(rows), "n_eval": len(eval_rows),
@@ -300,7 +297,7 @@ def _report(config, cache, best_path, eval_rows, eval_labels, device, tracker, s
     with open(os.path.join(out, "config.yaml"), "w") as handle:
         yaml.safe_dump(to_dict(config), handle)
     roc_figure(eval_labels, probs, os.path.join(out, "roc_curves.png"))
-    if tracker.run_id:
+    if tracker.active:
         history = tracker.metric_history(["loss", "test_auc_mean", "test_weighted_logloss"])
         training_curves(history, os.path.join(out, "training_curves.png"))
         for name in sorted(os.listdir(out)):
@@ -312,15 +309,12 @@ def _report(config, cache, best_path, eval_rows, eval_labels, device, tracker, s
 
 
 def run(args: argparse.Namespace) -> int:
-    import ignite.distributed as idist
-    import torch
+    from medmoco.distributed import run_on_ranks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_finetune_config(args)
-    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    in_launcher = "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
-    with idist.Parallel(backend=backend if in_launcher else None) as parallel:
-        parallel.run(_entry, config, args.resume)
+    # One process unless torchrun/srun started this one as a rank (medmoco.distributed).
+    run_on_ranks(_entry, config, args.resume, backend=config.backend, timeout_s=config.dist_timeout_s)
     return 0
 
 

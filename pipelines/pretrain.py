@@ -15,7 +15,6 @@ import os
 from dicom_preprocess.config import ConfigError
 
 log = logging.getLogger("medmoco.pretrain")
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,23 +90,19 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                "scaler": scaler, "rng": rng_state}
     os.makedirs(config.run_dir, exist_ok=True)
     resume_path, state = find_resume_checkpoint(resume, config.run_dir)
-    run_id = None
-    run_id_path = os.path.join(config.run_dir, RUN_ID_FILE)
     if state is not None:
         from ignite.handlers import Checkpoint
 
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-        if os.path.exists(run_id_path):
-            run_id = open(run_id_path).read().strip() or None
         if rank == 0:
             log.warning("resumed from %s (epoch %d)", resume_path, trainer.state.epoch)
     world = idist.get_world_size()
+    # The tracker continues the run of run_dir/mlflow_run_id when resuming, and spools its calls
+    # in run_dir while the MLflow store is unreachable (medmoco.tracking).
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
-                             config.tracking.run_name, run_id,
-                             tags={"stage": "pretrain", "cache_fingerprint": cache.fingerprint})
-    if rank == 0 and tracker.run_id:
-        with open(run_id_path, "w") as handle:
-            handle.write(tracker.run_id)
+                             config.tracking.run_name, tags={"stage": "pretrain", "cache_fingerprint": cache.fingerprint},
+                             run_dir=config.run_dir, resume=state is not None,
+                             retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": config.batch_size * world, "effective_lr": lr,
                    "in_channels": in_channels(config, cache), "steps_per_epoch": len(loader)})
@@ -145,12 +140,11 @@ def training(local_rank: int, config, resume: str = "") -> dict:
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
-    status = "FAILED"
     try:
         trainer.run(loader, max_epochs=config.epochs)
-        status = "FINISHED"
-    finally:
-        tracker.finish(status if status == "FINISHED" else "KILLED")
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
     export_path = os.path.join(config.run_dir, "backbone.pt")
     if rank == 0:
         export_backbone(moco, export_path, config.moco.arch, in_channels(config, cache),
@@ -158,25 +152,20 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                         meta={"cache_fingerprint": cache.fingerprint, "image_size": config.image_size,
                               "context": config.context, "mlflow_run_id": tracker.run_id or "",
                               "epochs": trainer.state.epoch})
-        if tracker.run_id:
-            tracker.log_artifact(export_path, "backbone")
-            tracker.set_tags({"backbone_export": os.path.abspath(export_path)})
+        tracker.log_artifact(export_path, "backbone")
+        tracker.set_tags({"backbone_export": os.path.abspath(export_path)})
+    tracker.finish("FINISHED")
     idist.barrier()
     return {"history": history, "run_id": tracker.run_id, "export": export_path, "epochs": trainer.state.epoch}
 
 
 def run(args: argparse.Namespace) -> int:
-    import ignite.distributed as idist
-    import torch
+    from medmoco.distributed import run_on_ranks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_pretrain_config(args)
-    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    # idist.Parallel initialises torch.distributed only when torchrun/srun set the environment;
-    # a plain `medmoco pretrain` runs in this one process.
-    in_launcher = "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ
-    with idist.Parallel(backend=backend if in_launcher else None) as parallel:
-        parallel.run(_entry, config, args.resume)
+    # One process unless torchrun/srun started this one as a rank (medmoco.distributed).
+    run_on_ranks(_entry, config, args.resume, backend=config.backend, timeout_s=config.dist_timeout_s)
     return 0
 
 

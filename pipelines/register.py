@@ -117,7 +117,7 @@ def register(run_id: str, name: str = MODEL_NAME, alias: str = "candidate", trac
 
     from dicom_preprocess import SUBTYPES
     from medmoco.models.export import read_weights
-    from medmoco.tracking import resolve_tracking_uri
+    from medmoco.tracking import resolve_tracking_uri, tracking_uri_scope
 
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
@@ -133,15 +133,13 @@ def register(run_id: str, name: str = MODEL_NAME, alias: str = "candidate", trac
         weights = client.download_artifacts(run_id, "model/model.pt", work)
         info = {k: v for k, v in read_weights(weights).items() if k != "state_dict"}
         example = _input_example(info)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        with mlflow.start_run(run_id=run_id):
+        with tracking_uri_scope(uri), mlflow.start_run(run_id=run_id):
             logged = mlflow.pyfunc.log_model(
                 name="registered_model", python_model=os.path.join(REPO, "medmoco", "pyfunc_model.py"),
                 artifacts={"weights": weights}, signature=signature(), input_example=example,
                 code_paths=[os.path.join(REPO, "medmoco"), os.path.join(REPO, "dicom_preprocess")],
                 pip_requirements=_requirements())
-    version = mlflow.register_model(logged.model_uri, name, tags={"source_run": run_id})
+            version = mlflow.register_model(logged.model_uri, name, tags={"source_run": run_id})
     tags = {"mode": info["mode"], "label_fraction": run.data.params.get("label_fraction", ""),
             "pretrain_run_id": run.data.tags.get("pretrain_run_id", ""),
             "cache_fingerprint": info["preprocess"].get("cache_fingerprint", ""), "source_commit": source_commit(),

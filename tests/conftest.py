@@ -15,6 +15,24 @@ warnings.filterwarnings("ignore", message="Invalid value for VR UI")
 REAL_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rsna-stage2-sample")
 
 
+@pytest.fixture(autouse=True)
+def _hermetic_mlflow_uri():
+    """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; no test may leave it
+    behind for the next one (a later subprocess would talk to a server that is gone)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    try:
+        import mlflow.tracking._tracking_service.utils as mlflow_uri
+
+        mlflow_uri._tracking_uri = None  # back to "environment, else default" for the next test
+    except ImportError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
     """6 patients, every RSNA encoding variant and odd shape, HU kept for checks."""

@@ -4,10 +4,8 @@ import base64
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -21,27 +19,9 @@ from pipelines.finetune import training
 from pipelines.register import promote, register, versions_table
 
 from .conftest import finetune_settings
+from .servers import MlflowServer, free_port, wait_http
 
 NAME = "rsna-ich-moco"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def _finetune_run(cache, run_dir, uri, seed=0, epochs=1, mode="scratch"):
@@ -163,22 +143,16 @@ def test_promotion_guard_refuses_a_worse_version(embedded):
 
 @pytest.mark.slow
 def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    server = MlflowServer(tmp_path).start()
     serve = None
     try:
-        uri = f"http://127.0.0.1:{port}"
-        _wait_http(f"{uri}/health", server)
+        uri = server.uri
         result = _finetune_run(cls_cache, tmp_path / "run", uri)
         register(result["run_id"], NAME, "candidate", uri)
         reference = _eval_probs(result["model"], cls_cache, tmp_path)
         files = sorted(glob.glob(os.path.join(cls_archive.images_dir, "*.dcm")))[:4]
         expected = _check_against_evaluate(_load(uri), files, reference)
-        serve_port = _free_port()
+        serve_port = free_port()
         # the scoring server execs `uvicorn` from PATH: the venv's bin, even when it is not activated
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -186,7 +160,7 @@ def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, t
         serve = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate",
                                   "--env-manager", "local", "--host", "127.0.0.1", "-p", str(serve_port)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-        _wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, timeout=180)
+        wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, timeout=180)
         body = {"dataframe_split": {"columns": ["dicom"],
                                     "data": [[base64.b64encode(open(f, "rb").read()).decode()] for f in files]}}
         request = urllib.request.Request(f"http://127.0.0.1:{serve_port}/invocations", json.dumps(body).encode(),
@@ -195,10 +169,10 @@ def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, t
         got = np.array([[row[c] for c in SUBTYPES] for row in answer])
         np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-6)
     finally:
-        for proc in (serve, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        if serve is not None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+        server.stop()

@@ -46,8 +46,11 @@ def test_one_node_template_runs_pretraining_under_srun(tiny_cache, tmp_path):
     config = write_yaml(tmp_path / "c.yaml", data)
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": REPO, "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NAME": "medmoco-test", "SLURM_CPUS_PER_TASK": "2", "MEDMOCO_VENV": str(venv),
-           "MEDMOCO_CONFIG": config, "MEDMOCO_RUN_DIR": str(tmp_path / "run"), "MEDMOCO_CACHE": tiny_cache}
+           "MEDMOCO_CONFIG": config, "MEDMOCO_RUN_DIR": str(tmp_path / "run"), "MEDMOCO_CACHE": tiny_cache,
+           # a lab-wide server in the environment; the config's own tracking.uri must win over it
+           "MLFLOW_TRACKING_URI": "http://127.0.0.1:9/nothing-listens-here"}
     result = subprocess.run(["bash", TEMPLATES[0]], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.exists(tmp_path / "run" / "backbone.pt")
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "checkpoint_1.pt")
+    assert os.path.exists(tmp_path / "mlflow.db") and not os.path.exists(tmp_path / "run" / "mlflow_spool.jsonl")

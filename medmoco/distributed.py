@@ -1,0 +1,79 @@
+"""Running a stage on one process or on every rank of a torchrun / srun job.
+
+``torch.distributed`` is set up through ``ignite.distributed`` (``idist.initialize`` reads the
+environment torchrun or srun gives each task: rank, world size, ``MASTER_ADDR``; under SLURM
+ignite derives them from ``SLURM_PROCID``/``SLURM_JOB_NODELIST``). A plain ``medmoco pretrain``
+runs in its one process. ``idist.Parallel`` is not used because it cannot pass the process
+group ``timeout``, and that timeout is what bounds how long a rank waits for a peer that hangs.
+
+A rank whose peer died gets an error from its next collective (gloo: "Connection closed by
+peer"; NCCL: the watchdog after ``timeout``). It is turned into :class:`PeerFailure`, which
+says which rank saw what and how to continue, so no rank sits silently in a collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Callable
+
+# Words of the errors torch.distributed raises when a peer is gone or does not answer.
+PEER_FAILURE_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+                      "timeout", "connection refused", "socket", "nccl", "gloo", "store", "recvbytes", "sendbytes")
+
+
+class PeerFailure(RuntimeError):
+    """Another rank of the job died or stopped answering."""
+
+
+def launched() -> bool:
+    """True under torchrun (``WORLD_SIZE``) or inside an srun task (``SLURM_PROCID``)."""
+    return "WORLD_SIZE" in os.environ or ("SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ)
+
+
+def default_backend(requested: str = "") -> str:
+    import torch
+
+    return requested or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(sign in text for sign in PEER_FAILURE_SIGNS)
+
+
+def run_on_ranks(entry: Callable[..., Any], *args: Any, backend: str = "", timeout_s: float = 1800.0) -> Any:
+    """Call ``entry(local_rank, *args)`` in this process, inside the job's process group if launched.
+
+    Args:
+        entry: ``training(local_rank, config, ...)`` in the ignite examples' shape.
+        backend: ``nccl``/``gloo``; "" picks nccl when CUDA is there.
+        timeout_s: how long a collective waits for the other ranks before failing.
+
+    Raises:
+        PeerFailure: when another rank died or hung (the job ends instead of waiting forever).
+    """
+    import ignite.distributed as idist
+
+    in_group = launched()
+    if in_group:
+        idist.initialize(default_backend(backend), timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        return entry(idist.get_local_rank(), *args)
+    except Exception as err:
+        world = idist.get_world_size()
+        if world > 1 and is_peer_failure(err):
+            raise PeerFailure(
+                f"rank {idist.get_rank()} of {world}: lost another rank ({type(err).__name__}: {str(err)[:300]}); "
+                f"stopping instead of waiting (collectives time out after {timeout_s:.0f} s). Finished epochs "
+                "are in the checkpoints: rerun the same command with --resume auto.") from err
+        raise
+    finally:
+        if in_group:
+            try:
+                idist.finalize()
+            except Exception:  # the group may be broken already; the process is ending anyway
+                pass

@@ -62,8 +62,12 @@ def write_chunk(parts_dir: str, chunk: int, pixels: np.ndarray, records: list[di
     stem = chunk_stem(parts_dir, chunk)
     tmp = f"{stem}.npy.tmp{os.getpid()}"
     try:
+        pixels = np.ascontiguousarray(pixels)
         with open(tmp, "wb") as handle:
-            np.save(handle, pixels)
+            # The .npy format written by hand: np.save on a real file uses ndarray.tofile, which
+            # reports a full disk as "N requested and M written" without errno ENOSPC.
+            np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(pixels))
+            handle.write(pixels.data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, f"{stem}.npy")

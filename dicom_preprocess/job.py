@@ -9,6 +9,8 @@ single run, and ``--shard i/n`` runs joined by ``preprocess-merge`` give identic
 """
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -25,7 +27,7 @@ import pandas as pd
 from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig, parse_shard
 from .encoding import SliceEncoder
-from .labels import SUBTYPES, read_rsna_labels
+from .labels import SUBTYPES, check_label_header, read_rsna_labels
 from .reader import SkipImage, read_dicom, read_volume
 from .sources import InputArchive, Source
 from .splits import label_subset, patient_splits
@@ -57,6 +59,20 @@ def hash_id(value: str, salt: str) -> str:
     if not value:
         return value
     return "H_" + hashlib.sha256(f"{salt}\0{value}".encode()).hexdigest()[:16]
+
+
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MAX_REASON = 300
+
+
+def printable_reason(reason: str) -> str:
+    """One line of printable text: a reason may quote a decoder's message about a corrupt file."""
+    text = "".join(c if c.isprintable() else "?" for c in str(reason))
+    return text[:MAX_REASON] + ("..." if len(text) > MAX_REASON else "")
+
+
+class StorageFull(RuntimeError):
+    """The output filesystem is full (or a quota/file-size limit was hit); finished chunks are kept."""
 
 
 class _FileTimeout(Exception):
@@ -126,6 +142,7 @@ class ChunkWorker:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     signal.signal(signal.SIGALRM, previous)
         errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
+        errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
         channels = len(self.encoder.windows)
         stacked = np.stack(pixels) if pixels else np.zeros((0, channels, config.size, config.size), np.uint8)
         parts = os.path.join(config.out, cache_io.PARTS)
@@ -179,6 +196,11 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
         raise ConfigError("out: required (the cache directory)")
     if config.labels and not os.path.isfile(config.labels):
         raise ConfigError(f"labels {config.labels}: file not found")
+    if config.labels:
+        try:
+            check_label_header(config.labels)  # now, not after hours of decoding
+        except ValueError as err:
+            raise ConfigError(f"labels {err}") from None
     started = time.perf_counter()
     archive = InputArchive(config.input)
     sources = archive.list()
@@ -209,16 +231,24 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
             with ctx.Pool(workers, initializer=_init_worker, initargs=(asdict(config),)) as pool:
                 results = pool.imap_unordered(_run_chunk, pending)
                 _drain(results, pending, bar)
+        for chunk, _ in pending:
+            info = cache_io.read_chunk_json(parts, chunk)
+            cached += len(info["records"])
+            skipped += len(info["errors"])
+        finalized = False
+        if count == 1 or _all_done(parts, record["chunks"]):
+            finalize_cache(config.out, labels=config.labels or None)
+            finalized = True
+    except OSError as err:
+        if err.errno not in STORAGE_FULL:
+            raise
+        done = sum(cache_io.chunk_done(parts, c) for c, _ in chunks)
+        raise StorageFull(
+            f"{config.out}: {err.strerror} while writing the cache; {done} of {record['chunks']} chunks are complete "
+            "and kept (a partial chunk is never marked done). Free space and rerun the same command: it continues."
+        ) from None
     finally:
         bar.close()
-    for chunk, _ in pending:
-        info = cache_io.read_chunk_json(parts, chunk)
-        cached += len(info["records"])
-        skipped += len(info["errors"])
-    finalized = False
-    if count == 1 or _all_done(parts, record["chunks"]):
-        finalize_cache(config.out, labels=config.labels or None)
-        finalized = True
     return JobSummary(config.out, files, record["chunks"], done_before, cached, skipped,
                       time.perf_counter() - started, finalized)
 
@@ -321,8 +351,9 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
         chosen = label_subset(manifest["any"].iloc[pool], config.label_fraction, config.seed)
         manifest.loc[pool[chosen], "in_label_subset"] = True
     manifest.to_parquet(os.path.join(out, cache_io.MANIFEST), index=False)
+    # Every field quoted: member names of an archive may hold commas, quotes or a carriage return.
     pd.DataFrame(errors, columns=["source", "reason"]).sort_values("source", kind="mergesort").to_csv(
-        os.path.join(out, cache_io.ERRORS), index=False
+        os.path.join(out, cache_io.ERRORS), index=False, quoting=csv.QUOTE_ALL
     )
     windows = [asdict(w) for w in parse_windows(config.windows)]
     settings = {"windows": windows, "window_mode": config.window_mode, "size": config.size}

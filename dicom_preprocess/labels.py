@@ -40,6 +40,14 @@ class LabelReport:
         return ", ".join(parts)
 
 
+def check_label_header(path: str) -> None:
+    """Raises ValueError unless ``path`` starts with the RSNA header ``ID,Label``."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        header = handle.readline().strip().lstrip("\ufeff")
+    if [c.strip() for c in header.split(",")[:2]] != ["ID", "Label"]:
+        raise ValueError(f"{path}: expected columns ID,Label (RSNA long format), got {header[:80]!r}")
+
+
 def read_rsna_labels(path: str) -> tuple[pd.DataFrame, LabelReport]:
     """Parse an RSNA long-format CSV.
 
@@ -50,10 +58,13 @@ def read_rsna_labels(path: str) -> tuple[pd.DataFrame, LabelReport]:
         ValueError: when the file lacks the ``ID`` and ``Label`` columns.
     """
     report = LabelReport()
+    check_label_header(path)
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip")
-    if list(raw.columns[:2]) != ["ID", "Label"]:
-        raise ValueError(f"{path}: expected columns ID,Label (RSNA long format), got {list(raw.columns)}")
     report.rows = len(raw)
+    with open(path, "rb") as handle:  # the C parser drops lines with extra fields silently: count them
+        lines = sum(1 for line in handle if line.strip()) - 1
+    if lines > len(raw):
+        report.malformed_rows.append((0, f"{lines - len(raw)} lines", "more fields than ID,Label; skipped"))
     ids = raw["ID"].str.strip()
     image_id, _, subtype = ids.str.rpartition("_").values.T
     label = pd.to_numeric(raw["Label"].str.strip(), errors="coerce")

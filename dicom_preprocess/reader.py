@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 MAX_SIDE = 4096  # larger Rows/Columns are refused before any pixel buffer is allocated
+MAX_VOLUME_VOXELS = 512 * 2**20  # 2 GiB as float32: a NIfTI/ITK header claiming more is refused unread
 AIR_HU = -1024.0
 
 
@@ -105,10 +107,23 @@ def _number(ds, keyword: str, default: float | None) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise SkipImage(f"{keyword} {str(value)[:40]!r} is not a number") from None
+        raise SkipImage(f"{keyword} '{_shown(value)}' is not a number") from None
     if not math.isfinite(number):
         raise SkipImage(f"{keyword} {number} is not finite")
     return number
+
+
+def _shown(value, limit: int = 16) -> str:
+    """A tag value as it may appear in a message: printable ASCII, short. A corrupt header can
+    make a value swallow the bytes of its neighbours (PatientID among them), so messages never
+    echo more than a few characters of what a file holds."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in str(value))
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _code_string(value: str) -> str:
+    """A CS value (Modality, PhotometricInterpretation) if it is one, else ``<invalid>``."""
+    return value if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else "<invalid>"
 
 
 def _text(ds, keyword: str) -> str:
@@ -131,7 +146,7 @@ def _z_position(ds) -> float:
 
 def _check_image_tags(ds) -> tuple[int, int]:
     if "PixelData" not in ds:
-        kind = _text(ds, "Modality") or "unknown modality"
+        kind = _code_string(_text(ds, "Modality")) if _text(ds, "Modality") else "unknown modality"
         raise SkipImage(f"no PixelData: not an image object (Modality {kind})")
     frames = ds.get("NumberOfFrames", 1)
     try:
@@ -143,7 +158,8 @@ def _check_image_tags(ds) -> tuple[int, int]:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     if samples != 1 or not photometric.startswith("MONOCHROME"):
-        raise SkipImage(f"colour image (PhotometricInterpretation {photometric}, SamplesPerPixel {samples})")
+        raise SkipImage(f"colour image (PhotometricInterpretation {_code_string(photometric)}, "
+                        f"SamplesPerPixel {samples})")
     rows, cols = int(_number(ds, "Rows", None)), int(_number(ds, "Columns", None))
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise SkipImage(f"Rows x Columns {rows} x {cols} outside 1..{MAX_SIDE}")
@@ -154,12 +170,22 @@ def _uncompressed_codes(ds, rows: int, cols: int, big_endian: bool) -> tuple[np.
     bits_allocated = int(_number(ds, "BitsAllocated", None))
     if bits_allocated not in (8, 16):
         raise SkipImage(f"BitsAllocated {bits_allocated} not supported (8 or 16 expected)")
+    declared = getattr(ds.get_item("PixelData"), "length", None)  # the raw element's length field
     data = ds.PixelData
+    if declared is not None and declared != 0xFFFFFFFF and declared > len(data):
+        raise SkipImage(f"PixelData declares {declared:,} bytes but the file holds {len(data):,} (truncated file)")
     expected = rows * cols * bits_allocated // 8
     if len(data) < expected:
         raise SkipImage(
             f"PixelData holds {len(data):,} bytes, expected {expected:,} for {rows}x{cols}x{bits_allocated} bit "
             "(truncated file)"
+        )
+    if len(data) >= 2 * expected:
+        # Padding is a byte or a few hundred; twice the size means Rows/Columns/BitsAllocated lie
+        # about the pixels, and reading the first `expected` bytes would cache a wrong image.
+        raise SkipImage(
+            f"PixelData holds {len(data):,} bytes, expected {expected:,} for {rows}x{cols}x{bits_allocated} bit "
+            "(Rows, Columns or BitsAllocated do not match the pixels)"
         )
     if bits_allocated == 8:
         codes = np.frombuffer(data, dtype=np.uint8, count=expected).astype(np.uint16)
@@ -227,63 +253,81 @@ def read_dicom(source: str | bytes | BinaryIO, name: str = "") -> Slice:
         except Exception as err:  # pydicom raises many types on broken headers
             raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {str(err)[:120]})") from None
 
-        stem = os.path.basename(name)
-        stem = stem[:-4] if stem.lower().endswith(".dcm") else stem
-        image_id = _text(ds, "SOPInstanceUID") or stem
-        photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
         try:
-            slope = _number(ds, "RescaleSlope", 1.0)
-            intercept = _number(ds, "RescaleIntercept", 0.0)
-            signed = int(_number(ds, "PixelRepresentation", 0.0)) == 1
-            bits_stored = int(_number(ds, "BitsStored", _number(ds, "BitsAllocated", 16.0)))
+            return _slice_from_dataset(ds, raw_bytes, name, rows, cols)
         except SkipImage:
             raise
-        if not 1 <= bits_stored <= 16:
-            raise SkipImage(f"BitsStored {bits_stored} outside 1..16")
-        if slope == 0:
-            raise SkipImage("RescaleSlope is 0")
+        except Exception as err:  # pydicom parses lazily: a broken element can raise on first access
+            raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {str(err)[:120]})") from None
 
-        meta = getattr(ds, "file_meta", None)
-        tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        encapsulated = bool(tsyntax is not None and tsyntax.is_encapsulated)
-        if tsyntax is not None and not tsyntax.is_transfer_syntax:
-            raise SkipImage(f"unknown transfer syntax {tsyntax}")
-        out = Slice(
-            image_id=image_id,
-            patient_id=_text(ds, "PatientID"),
-            study_uid=_text(ds, "StudyInstanceUID"),
-            series_uid=_text(ds, "SeriesInstanceUID"),
-            z=_z_position(ds),
-            invert=photometric == "MONOCHROME1",
-        )
-        wrap_fix = bits_stored == 12 and not signed and intercept > -100
-        if not encapsulated:
-            big_endian = not ds.original_encoding[1] if ds.original_encoding[1] is not None else False
-            out.codes, bits_allocated = _uncompressed_codes(ds, rows, cols, big_endian)
-            out.code_map = CodeMap(signed, min(bits_stored, bits_allocated), slope, intercept, wrap_fix)
-            return out
-        # Compressed: pydicom's own decoders first, then SimpleITK (GDCM handles JPEG/JPEG-LS/J2K).
+
+def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int) -> Slice:
+    stem = os.path.basename(name)
+    stem = stem[:-4] if stem.lower().endswith(".dcm") else stem
+    image_id = _text(ds, "SOPInstanceUID") or stem
+    photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    if _text(ds, "Modality").upper() == "CT":
+        # Type 1 in the CT Image module: without them stored values are not HU, and every
+        # window would be off by the intercept (-1024 on RSNA).
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if keyword not in ds or ds[keyword].value in (None, ""):
+                raise SkipImage(f"{keyword} is missing (required for CT: HU cannot be computed)")
+    slope = _number(ds, "RescaleSlope", 1.0)
+    intercept = _number(ds, "RescaleIntercept", 0.0)
+    signed = int(_number(ds, "PixelRepresentation", 0.0)) == 1
+    bits_stored = int(_number(ds, "BitsStored", _number(ds, "BitsAllocated", 16.0)))
+    if not 1 <= bits_stored <= 16:
+        raise SkipImage(f"BitsStored {bits_stored} outside 1..16")
+    if slope == 0:
+        raise SkipImage("RescaleSlope is 0")
+
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if tsyntax is not None and not tsyntax.is_transfer_syntax:  # before is_encapsulated, which raises
+        raise SkipImage(f"unknown transfer syntax {tsyntax}")
+    encapsulated = bool(tsyntax is not None and tsyntax.is_encapsulated)
+    out = Slice(
+        image_id=image_id,
+        patient_id=_text(ds, "PatientID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        z=_z_position(ds),
+        invert=photometric == "MONOCHROME1",
+    )
+    wrap_fix = bits_stored == 12 and not signed and intercept > -100
+    if not encapsulated:
+        big_endian = not ds.original_encoding[1] if ds.original_encoding[1] is not None else False
+        out.codes, bits_allocated = _uncompressed_codes(ds, rows, cols, big_endian)
+        out.code_map = CodeMap(signed, min(bits_stored, bits_allocated), slope, intercept, wrap_fix)
+        return out
+    # Compressed: pydicom's own decoders first, then SimpleITK (GDCM handles JPEG/JPEG-LS/J2K).
+    try:
+        array = ds.pixel_array
+        if array.shape != (rows, cols):
+            raise SkipImage(f"decoded shape {array.shape} != Rows x Columns {(rows, cols)}")
+        out.codes = array.astype(np.int16 if signed else np.uint16).view(np.uint16)
+        out.code_map = CodeMap(signed, 16, slope, intercept, wrap_fix)
+        return out
+    except SkipImage:
+        raise
+    except Exception as pydicom_err:
         try:
-            array = ds.pixel_array
-            if array.shape != (rows, cols):
-                raise SkipImage(f"decoded shape {array.shape} != Rows x Columns {(rows, cols)}")
-            out.codes = array.astype(np.int16 if signed else np.uint16).view(np.uint16)
-            out.code_map = CodeMap(signed, 16, slope, intercept, wrap_fix)
-            return out
-        except SkipImage:
-            raise
-        except Exception as pydicom_err:
-            try:
-                out.hu = _sitk_hu(raw_bytes)
-            except Exception as sitk_err:
-                raise SkipImage(
-                    f"compressed transfer syntax {tsyntax.name} not decoded by pydicom "
-                    f"({str(pydicom_err)[:80]}) nor SimpleITK ({str(sitk_err)[:80]})"
-                ) from None
-            if out.hu.shape != (rows, cols):
-                raise SkipImage(f"decoded shape {out.hu.shape} != Rows x Columns {(rows, cols)}")
-            out.notes.append("decoded by SimpleITK")
-            return out
+            out.hu = _sitk_hu(raw_bytes)
+        except Exception as sitk_err:
+            raise SkipImage(
+                f"compressed transfer syntax {tsyntax.name} not decoded by pydicom "
+                f"({str(pydicom_err)[:80]}) nor SimpleITK ({str(sitk_err)[:80]})"
+            ) from None
+        if out.hu.shape != (rows, cols):
+            raise SkipImage(f"decoded shape {out.hu.shape} != Rows x Columns {(rows, cols)}")
+        out.notes.append("decoded by SimpleITK")
+        return out
+
+
+def _check_volume_shape(shape: tuple) -> None:
+    voxels = math.prod(int(v) for v in shape)
+    if voxels > MAX_VOLUME_VOXELS:
+        raise SkipImage(f"volume of shape {tuple(shape)} ({voxels:,} voxels) exceeds {MAX_VOLUME_VOXELS:,}")
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -309,7 +353,9 @@ def read_volume(path: str, name: str = "") -> Iterator[Slice]:
         if lower.endswith(NIFTI_SUFFIXES):
             import nibabel as nib
 
-            image = nib.as_closest_canonical(nib.load(path))
+            image = nib.load(path)
+            _check_volume_shape(image.shape)  # before the voxels are read: headers can lie
+            image = nib.as_closest_canonical(image)
             data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope/inter applied
             if data.ndim != 3:
                 raise SkipImage(f"NIfTI volume has {data.ndim} dimensions, expected 3")
@@ -319,6 +365,10 @@ def read_volume(path: str, name: str = "") -> Iterator[Slice]:
         else:
             import SimpleITK as sitk
 
+            info = sitk.ImageFileReader()
+            info.SetFileName(path)
+            info.ReadImageInformation()
+            _check_volume_shape(tuple(info.GetSize()) + (info.GetNumberOfComponents(),))
             image = sitk.ReadImage(path)
             data = sitk.GetArrayFromImage(image).astype(np.float32)
             if data.ndim == 2:

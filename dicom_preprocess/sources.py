@@ -64,7 +64,7 @@ class InputArchive:
             self.kind = "folder"
         elif lower.endswith(".zip"):
             self.kind = "zip"
-        elif lower.endswith(ARCHIVE_SUFFIXES[2:]):
+        elif lower.endswith(ARCHIVE_SUFFIXES[1:]):  # .tar and the compressed tars
             self.kind = "tar"
         else:
             raise ValueError(f"input {path}: expected a folder, a .zip or a .tar/.tar.gz archive")

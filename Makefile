@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # keeps pip from pulling a multi-GB CUDA build for the `torch>=2.4` requirement.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench experiment clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,19 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -ra tests
 
+# The label-efficiency experiment on CPU (README section 4): data, pretraining, then the trials.
+# Each step resumes or is skipped when its output exists.
+EXP := experiment-run
+experiment: venv
+	test -f $(EXP)/archive/stage_2_train.csv || $(PY) -m medmoco synth --out $(EXP)/archive --patients 100 --seed 7 --rows 128 --slices 8,12
+	$(PY) -m medmoco preprocess --config configs/preprocess/cpu_experiment.yaml --input $(EXP)/archive/stage_2_train \
+	    --labels $(EXP)/archive/stage_2_train.csv --out $(EXP)/cache --quiet
+	test -f $(EXP)/pretrain/backbone.pt || $(PY) -m medmoco pretrain --config configs/pretrain/cpu_experiment.yaml \
+	    --resume auto --tracking-uri sqlite:///$(EXP)/mlflow.db
+	$(PY) -m medmoco experiment --config configs/experiments/label_efficiency.yaml --tracking-uri sqlite:///$(EXP)/mlflow.db
+
 bench: venv
 	$(PY) benchmarks/preprocess.py
 
 clean:
-	rm -rf demo-run .pytest_cache
+	rm -rf demo-run experiment-run .pytest_cache

@@ -13,6 +13,7 @@ import csv
 import errno
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -32,6 +33,8 @@ from .reader import SkipImage, read_dicom, read_volume
 from .sources import InputArchive, Source
 from .splits import label_subset, patient_splits
 from .windowing import parse_windows
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 # Settings that change the pixels or the chunking: a rerun must match them to resume.
@@ -91,6 +94,11 @@ class ChunkWorker:
         self.archive = InputArchive(config.input)
         self.encoder = SliceEncoder(parse_windows(config.windows), config.window_mode, config.size)
         self.use_alarm = hasattr(signal, "setitimer")
+        self.parts = os.path.join(config.out, cache_io.PARTS)
+        self.quarantine = read_quarantine(self.parts)
+        # Failpoint for fault-injection tests: the worker kills itself (SIGKILL, as the OOM killer
+        # would) when it reaches one of these inputs. Unset in normal use.
+        self.kill_on = set(filter(None, os.environ.get("MEDMOCO_FAILPOINT_KILL_ON", "").split(",")))
 
     def _slices(self, source: Source, data: bytes):
         if source.kind == "dicom":
@@ -108,7 +116,11 @@ class ChunkWorker:
         """Process and store one chunk; returns (chunk, cached, skipped)."""
         config = self.config
         pixels, records, errors = [], [], []
-        for source, data in self.archive.read_many([s for s in sources if not s.skip_reason]):
+        readable = [s for s in sources if not s.skip_reason and s.name not in self.quarantine]
+        for source, data in self.archive.read_many(readable):
+            _mark_in_flight(self.parts, chunk, source.name)
+            if source.name in self.kill_on:
+                os.kill(os.getpid(), signal.SIGKILL)
             if isinstance(data, Exception):
                 errors.append({"source": source.name, "reason": f"unreadable ({type(data).__name__}: {data})"})
                 continue
@@ -142,11 +154,14 @@ class ChunkWorker:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     signal.signal(signal.SIGALRM, previous)
         errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
+        errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
+                      if not s.skip_reason and s.name in self.quarantine)
         errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
         channels = len(self.encoder.windows)
         stacked = np.stack(pixels) if pixels else np.zeros((0, channels, config.size, config.size), np.uint8)
         parts = os.path.join(config.out, cache_io.PARTS)
         cache_io.write_chunk(parts, chunk, stacked, records, errors)
+        _clear_in_flight(parts, chunk)
         return chunk, len(records), len(errors)
 
 
@@ -161,6 +176,104 @@ def _init_worker(config_dict: dict) -> None:
 
 def _run_chunk(task: tuple[int, list[Source]]) -> tuple[int, int, int]:
     return _WORKER.process(*task)
+
+
+QUARANTINE_FILE = "quarantine.json"
+CRASH_REASON = ("the worker process died while decoding it twice (killed by the OS: out of memory, or a "
+                "decoder crash); skipped")
+
+
+def _in_flight_path(parts: str, chunk: int) -> str:
+    return os.path.join(parts, f"inflight_{chunk:06d}.txt")
+
+
+def _mark_in_flight(parts: str, chunk: int, name: str) -> None:
+    """The input a worker is about to decode (read back only after a worker died)."""
+    with open(_in_flight_path(parts, chunk), "w") as handle:
+        handle.write(name)
+
+
+def _clear_in_flight(parts: str, chunk: int) -> None:
+    try:
+        os.remove(_in_flight_path(parts, chunk))
+    except FileNotFoundError:
+        pass
+
+
+def _read_in_flight(parts: str, chunk: int) -> str | None:
+    try:
+        with open(_in_flight_path(parts, chunk)) as handle:
+            return handle.read() or None
+    except FileNotFoundError:
+        return None
+
+
+def read_quarantine(parts: str) -> dict:
+    """Inputs that killed a worker process, with the reason recorded for them in errors.csv."""
+    path = os.path.join(parts, QUARANTINE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _quarantine(parts: str, name: str) -> None:
+    found = read_quarantine(parts)
+    found[name] = CRASH_REASON
+    cache_io.atomic_write_json(os.path.join(parts, QUARANTINE_FILE), found)
+
+
+def _run_in_processes(config: PreprocessConfig, pending: list, workers: int, bar) -> None:
+    """Chunks in worker processes, so that no input can take the job down or hang it.
+
+    ``multiprocessing.Pool`` loses the task of a worker the OS kills (the OOM killer on a shared
+    node) and its ``imap`` then waits forever; ``ProcessPoolExecutor`` reports it as
+    ``BrokenProcessPool``. The chunks that were in flight are then run again one at a time in a
+    fresh single-worker pool: a chunk that kills its worker when alone has its current input
+    quarantined (``parts/quarantine.json``, recorded in errors.csv) and is run again without it.
+    A transient kill (memory pressure from elsewhere) costs a retry and quarantines nothing.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    parts = os.path.join(config.out, cache_io.PARTS)
+    ctx = mp.get_context("spawn")  # fork after torch/numba threads can deadlock
+    sizes = {chunk: len(sources) for chunk, sources in pending}
+    todo, suspects, anonymous_crashes, skipped = list(pending), [], 0, 0
+    while todo:
+        batch = [next(t for t in todo if t[0] == suspects[0])] if suspects else todo
+        with ProcessPoolExecutor(1 if suspects else workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(asdict(config),)) as pool:
+            futures = [pool.submit(_run_chunk, task) for task in batch]
+            broken = False
+            try:
+                for future in as_completed(futures):
+                    chunk, _, n_skip = future.result()
+                    skipped += n_skip
+                    bar.update(sizes[chunk])
+                    bar.set_postfix(skipped=skipped, refresh=False)
+            except BrokenProcessPool:
+                broken = True
+        if not broken:
+            done = {c for c, _ in batch}
+        else:
+            done = {c for c, _ in batch if cache_io.chunk_done(parts, c)}
+            crashed = [c for c, _ in batch if c not in done and _read_in_flight(parts, c)]
+            name = _read_in_flight(parts, suspects[0]) if suspects else None
+            if (suspects and name is None) or not (suspects or crashed):
+                anonymous_crashes += 1  # died before reading any input: nothing to blame
+                if anonymous_crashes >= 3:
+                    raise RuntimeError("worker processes keep dying before reading any input; check the "
+                                       "memory limit of the job (finished chunks are kept)")
+            elif suspects:  # it ran alone: its current input killed the worker
+                _quarantine(parts, name)
+                log.warning("%s killed a worker process twice; skipped and recorded in errors.csv", name)
+            else:
+                log.warning("a worker process died (chunks in flight: %s); running them again one at a time",
+                            crashed)
+                suspects = crashed
+        todo = [t for t in todo if t[0] not in done]
+        suspects = [c for c in suspects if c not in done]
 
 
 def _job_record(config: PreprocessConfig, sources: list[Source], fingerprint: str) -> dict:
@@ -215,6 +328,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     index, count = parse_shard(config.shard) if config.shard else (0, 1)
     mine = [task for task in chunks if task[0] % count == index]
     pending = [task for task in mine if not cache_io.chunk_done(parts, task[0])]
+    for chunk, _ in pending:  # markers left by a killed run say nothing about this one
+        _clear_in_flight(parts, chunk)
     done_before = len(mine) - len(pending)
     files = sum(len(t[1]) for t in pending)
     cached = skipped = 0
@@ -227,10 +342,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
             results = (worker.process(*task) for task in pending)
             _drain(results, pending, bar)
         else:
-            ctx = mp.get_context("spawn")  # fork after torch/numba threads can deadlock
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(asdict(config),)) as pool:
-                results = pool.imap_unordered(_run_chunk, pending)
-                _drain(results, pending, bar)
+            _run_in_processes(config, pending, workers, bar)
         for chunk, _ in pending:
             info = cache_io.read_chunk_json(parts, chunk)
             cached += len(info["records"])

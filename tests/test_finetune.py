@@ -193,3 +193,42 @@ def test_label_efficiency_experiment_writes_table_plot_and_child_runs(cls_cache,
     children = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
                                   f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == 12
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_finetune_logs_the_same_metrics_and_weights(cls_cache, backbone_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "medmoco", "finetune", "--config"]
+    runs = {}
+    for name in ("straight", "killed"):
+        db = tmp_path / f"{name}.db"
+        data = finetune_settings(cls_cache, str(tmp_path / name), str(db), mode="finetune", pretrained=backbone_file,
+                                 epochs=4, deterministic=True, keep_checkpoints=4)
+        cfg = write_yaml(tmp_path / f"{name}.yaml", data)
+        if name == "straight":
+            subprocess.run(cmd + [cfg], check=True, capture_output=True, cwd=repo)
+        else:
+            proc = subprocess.Popen(cmd + [cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+            target = tmp_path / name / "checkpoints" / "checkpoint_2.pt"
+            deadline = time.time() + 300
+            while not target.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # inside epoch 3
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert not (tmp_path / name / "report").exists(), "the run finished before it was killed"
+            subprocess.run(cmd + [cfg, "--resume", "auto"], check=True, capture_output=True, cwd=repo)
+        runs[name] = (_client(db), open(tmp_path / name / "mlflow_run_id").read().strip())
+    for key in ("loss", "test_auc_mean", "test_weighted_logloss"):
+        straight = [(m.step, m.value) for m in runs["straight"][0].get_metric_history(runs["straight"][1], key)]
+        resumed = [(m.step, m.value) for m in runs["killed"][0].get_metric_history(runs["killed"][1], key)]
+        assert sorted(straight) == sorted(resumed) and len(straight) == 4, key
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "checkpoint_4.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "checkpoint_4.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs["killed"][0].get_run(runs["killed"][1]).info.status == "FINISHED"

@@ -249,3 +249,74 @@ def test_a_full_disk_keeps_finished_chunks_and_the_rerun_completes_the_cache(arc
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
     subprocess.run(_preprocess_cmd(archive, out), check=True, cwd=REPO, capture_output=True, timeout=300)
     caches_equal(open_cache(reference_cache), open_cache(str(out)))
+
+
+def _worker_pids() -> list[int]:
+    """Worker processes of a job run in this (test) process."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"spawn_main" in cmdline \
+                and b"resource_tracker" not in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def _images_equal_by_id(reference: str, got: str, missing: set) -> None:
+    ref, new = open_cache(reference), open_cache(got)
+    index = {image_id: i for i, image_id in enumerate(new.manifest["image_id"])}
+    assert set(ref.manifest["image_id"]) - set(index) == missing
+    for i, image_id in enumerate(ref.manifest["image_id"]):
+        if image_id not in missing:
+            np.testing.assert_array_equal(ref[i], new[index[image_id]])
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_its_worker_is_quarantined_and_the_job_completes(archive, reference_cache, tmp_path,
+                                                                            monkeypatch):
+    import pydicom
+
+    victim = sorted(os.listdir(archive.images_dir))[5]
+    monkeypatch.setenv("MEDMOCO_FAILPOINT_KILL_ON", f"stage_2_train/{victim}")  # the worker SIGKILLs itself
+    out = tmp_path / "out"
+    summary = run_preprocess(PreprocessConfig(input=archive.root, labels=archive.labels_csv, out=str(out), size=64,
+                                              workers=2, files_per_shard=4), progress=False)
+    assert summary.finalized
+    _, rejected = _outcome(out)
+    assert "killed by the OS" in rejected[f"stage_2_train/{victim}"]
+    victim_id = pydicom.dcmread(os.path.join(archive.images_dir, victim), stop_before_pixels=True).SOPInstanceUID
+    _images_equal_by_id(reference_cache, str(out), {victim_id})
+
+
+@pytest.mark.slow
+def test_a_worker_killed_once_from_outside_costs_a_retry_and_nothing_else(archive, reference_cache, tmp_path,
+                                                                         caplog):
+    import threading
+
+    out = tmp_path / "out"
+    killed = []
+
+    def oom_killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = _worker_pids()
+            if pids and len(_chunk_files(out / "parts")) >= 2:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=oom_killer)
+    thread.start()
+    run_preprocess(PreprocessConfig(input=archive.root, labels=archive.labels_csv, out=str(out), size=64, workers=2,
+                                    files_per_shard=4), progress=False)
+    thread.join()
+    assert killed, "the job ended before a worker could be killed"
+    assert "a worker process died" in caplog.text
+    assert not os.path.exists(out / "parts" / "quarantine.json")
+    caches_equal(open_cache(reference_cache), open_cache(str(out)))

@@ -159,3 +159,19 @@ def test_ddp_pipeline_writes_one_run_and_rank0_checkpoints(tiny_cache, tmp_path)
     assert runs[0].data.params["world_size"] == "2" and runs[0].data.params["global_batch"] == "8"
     files = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
     assert files == ["checkpoint_1.pt", "checkpoint_2.pt"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("moco.K=30", "moco.K=30 must be a multiple of the global batch 8"),
+    ("moco.bogus=1", "moco: unknown key(s) ['bogus']"),
+    ("epochs=abc", "epochs: expected an integer, got 'abc'"),
+    ("amp=fp8", "amp 'fp8'"),
+    ("cache=/nowhere/cache", "cache /nowhere/cache: no such directory"),
+])
+def test_cli_refuses_bad_settings_before_any_work(tiny_cache, tmp_path, override, named):
+    cfg = write_yaml(tmp_path / "c.yaml", pretrain_settings(tiny_cache, str(tmp_path / "run"), str(tmp_path / "db")))
+    result = subprocess.run([sys.executable, "-m", "medmoco", "pretrain", "--config", cfg, "--set", override],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "db").exists()

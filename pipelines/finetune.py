@@ -201,7 +201,7 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                                    "arch": config.arch,
                                    **({"mlflow.parentRunId": config.tracking.parent_run_id}
                                       if config.tracking.parent_run_id else {})},
-                             run_dir=config.run_dir, resume=state is not None,
+                             run_dir=config.run_dir, resume=bool(resume),
                              retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": global_batch, "effective_lr": lr, "image_size_used": size,

@@ -101,7 +101,7 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     # in run_dir while the MLflow store is unreachable (medmoco.tracking).
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
                              config.tracking.run_name, tags={"stage": "pretrain", "cache_fingerprint": cache.fingerprint},
-                             run_dir=config.run_dir, resume=state is not None,
+                             run_dir=config.run_dir, resume=bool(resume),
                              retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": config.batch_size * world, "effective_lr": lr,

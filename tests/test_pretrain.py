@@ -175,3 +175,24 @@ def test_cli_refuses_bad_settings_before_any_work(tiny_cache, tmp_path, override
     assert result.returncode == 2, result.stderr[-2000:]
     assert named in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "db").exists()
+
+
+def test_a_job_killed_before_its_first_checkpoint_resumes_into_the_same_run(tiny_cache, tmp_path):
+    """--resume auto with no checkpoint yet (killed in epoch 1) continues the job's MLflow run
+    instead of leaving it RUNNING forever beside a new one; leftovers of an interrupted atomic
+    checkpoint save are removed."""
+    import shutil
+
+    db = tmp_path / "db"
+    data = pretrain_settings(tiny_cache, str(tmp_path / "run"), str(db), epochs=1)
+    config = load_config(PretrainConfig, write_yaml(tmp_path / "c.yaml", data))
+    first = training(0, config, resume="auto")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before the first save
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "tmpk3x9_q").write_bytes(b"half a checkpoint")
+    second = training(0, config, resume="auto")
+    assert second["run_id"] == first["run_id"]
+    client = _client(db)
+    runs = client.search_runs([client.get_experiment_by_name("test-pretrain").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["checkpoint_1.pt"]

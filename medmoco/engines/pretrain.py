@@ -245,7 +245,17 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> tuple[str | None, dict 
 
 
 def attach_checkpointing(trainer: Engine, to_save: dict, config: PretrainConfig) -> Checkpoint:
-    """Every epoch, keep the last N. Built on every rank; only rank 0 writes (ignite#2035)."""
+    """Every epoch, keep the last N. Built on every rank; only rank 0 writes (ignite#2035).
+
+    ``DiskSaver(atomic=True)`` writes ``tmp*`` beside the checkpoints and renames it; a job killed
+    during a save leaves that file behind (hundreds of MB for a ResNet-50 with its queue), so
+    rank 0 removes such leftovers before the first save.
+    """
+    folder = checkpoint_dir(config.run_dir)
+    if idist.get_rank() == 0 and os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith("tmp") and not name.endswith(".pt"):
+                os.remove(os.path.join(folder, name))
     saver = DiskSaver(checkpoint_dir(config.run_dir), require_empty=False, atomic=True)
     handler = Checkpoint(to_save, saver, filename_prefix=CHECKPOINT_PREFIX, n_saved=config.keep_checkpoints,
                          global_step_transform=lambda engine, _: engine.state.epoch,

@@ -227,7 +227,17 @@ class MlflowTracker(NullTracker):
                     run_id = recorded_run_id(run_dir)
             self.run_id = run_id
         if run_id is not None:
-            self._call({"op": "update_run", "status": "RUNNING"})
+            try:
+                self._call({"op": "update_run", "status": "RUNNING"})
+            except Exception as err:
+                if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                from dicom_preprocess.config import ConfigError
+
+                raise ConfigError(
+                    f"{run_dir or 'this run'}: continues MLflow run {run_id}, which {self.uri} does not hold; "
+                    "use the tracking URI of the job's first run, or delete "
+                    f"{os.path.join(run_dir or '.', RUN_ID_FILE)} to start a new run") from None
         elif not (resume and pending_creation):  # else: continue the run whose creation is spooled
             self._call({"op": "create_run", "experiment": experiment, "run_name": run_name or "",
                         "tags": {k: str(v) for k, v in (tags or {}).items()}})

@@ -174,3 +174,13 @@ def test_metric_history_falls_back_to_this_process_when_offline(tmp_path, fast_f
     assert tracker.metric_history(["loss"]) == {"loss": [(1, 2.0), (2, 1.0)]}
     lines = [json.loads(line) for line in open(tmp_path / "mlflow_spool.jsonl")]
     assert [op["op"] for op in lines] == ["create_run", "log_metrics", "log_metrics"]
+
+
+def test_resuming_against_another_store_names_the_run_and_what_to_do(tmp_path):
+    from dicom_preprocess.config import ConfigError
+
+    first = MlflowTracker(f"sqlite:///{tmp_path}/a.db", "e", run_dir=str(tmp_path / "run"))
+    first.finish()
+    with pytest.raises(ConfigError, match=f"continues MLflow run {first.run_id}.*delete"):
+        MlflowTracker(f"sqlite:///{tmp_path}/b.db", "e", run_id=first.run_id, run_dir=str(tmp_path / "run"),
+                      resume=True)

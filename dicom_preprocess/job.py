@@ -117,51 +117,55 @@ class ChunkWorker:
         config = self.config
         pixels, records, errors = [], [], []
         readable = [s for s in sources if not s.skip_reason and s.name not in self.quarantine]
-        for source, data in self.archive.read_many(readable):
-            _mark_in_flight(self.parts, chunk, source.name)
-            if source.name in self.kill_on:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if isinstance(data, Exception):
-                errors.append({"source": source.name, "reason": f"unreadable ({type(data).__name__}: {data})"})
-                continue
-            if len(data) > 256 * 2**20:
-                errors.append({"source": source.name, "reason": "file larger than 256 MB"})
-                continue
-            if self.use_alarm:
-                previous = signal.signal(signal.SIGALRM, _on_alarm)
-                signal.setitimer(signal.ITIMER_REAL, config.file_timeout_s)
-            try:
-                for image in self._slices(source, data):
-                    tensor = self.encoder.encode(image)
-                    ids = (image.patient_id, image.study_uid, image.series_uid)
-                    if config.hash_ids:
-                        ids = tuple(hash_id(v, config.hash_salt) for v in ids)
-                    records.append({
-                        "image_id": image.image_id, "patient_id": ids[0], "study_uid": ids[1],
-                        "series_uid": ids[2], "z": image.z, "source": source.name,
-                    })
-                    pixels.append(tensor)
-            except SkipImage as err:
-                errors.append({"source": source.name, "reason": str(err)})
-            except _FileTimeout:
-                errors.append({"source": source.name, "reason": f"timed out after {config.file_timeout_s} s"})
-            except MemoryError:
-                errors.append({"source": source.name, "reason": "out of memory while decoding"})
-            except Exception as err:  # a reader bug must not end a 750k-file job
-                errors.append({"source": source.name, "reason": f"unexpected {type(err).__name__}: {err}"})
-            finally:
+        in_flight = _InFlight(self.parts, chunk)
+        try:
+            for source, data in self.archive.read_many(readable):
+                in_flight.mark(source.name)
+                if source.name in self.kill_on:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if isinstance(data, Exception):
+                    errors.append({"source": source.name, "reason": f"unreadable ({type(data).__name__}: {data})"})
+                    continue
+                if len(data) > 256 * 2**20:
+                    errors.append({"source": source.name, "reason": "file larger than 256 MB"})
+                    continue
                 if self.use_alarm:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.signal(signal.SIGALRM, previous)
-        errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
-        errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
-                      if not s.skip_reason and s.name in self.quarantine)
-        errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
-        channels = len(self.encoder.windows)
-        stacked = np.stack(pixels) if pixels else np.zeros((0, channels, config.size, config.size), np.uint8)
-        parts = os.path.join(config.out, cache_io.PARTS)
-        cache_io.write_chunk(parts, chunk, stacked, records, errors)
-        _clear_in_flight(parts, chunk)
+                    previous = signal.signal(signal.SIGALRM, _on_alarm)
+                    signal.setitimer(signal.ITIMER_REAL, config.file_timeout_s)
+                try:
+                    for image in self._slices(source, data):
+                        tensor = self.encoder.encode(image)
+                        ids = (image.patient_id, image.study_uid, image.series_uid)
+                        if config.hash_ids:
+                            ids = tuple(hash_id(v, config.hash_salt) for v in ids)
+                        records.append({
+                            "image_id": image.image_id, "patient_id": ids[0], "study_uid": ids[1],
+                            "series_uid": ids[2], "z": image.z, "source": source.name,
+                        })
+                        pixels.append(tensor)
+                except SkipImage as err:
+                    errors.append({"source": source.name, "reason": str(err)})
+                except _FileTimeout:
+                    errors.append({"source": source.name, "reason": f"timed out after {config.file_timeout_s} s"})
+                except MemoryError:
+                    errors.append({"source": source.name, "reason": "out of memory while decoding"})
+                except Exception as err:  # a reader bug must not end a 750k-file job
+                    errors.append({"source": source.name, "reason": f"unexpected {type(err).__name__}: {err}"})
+                finally:
+                    if self.use_alarm:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                        signal.signal(signal.SIGALRM, previous)
+            errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
+            errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
+                          if not s.skip_reason and s.name in self.quarantine)
+            errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
+            channels = len(self.encoder.windows)
+            stacked = np.stack(pixels) if pixels else np.zeros((0, channels, config.size, config.size), np.uint8)
+            parts = os.path.join(config.out, cache_io.PARTS)
+            cache_io.write_chunk(parts, chunk, stacked, records, errors)
+        finally:
+            in_flight.close()
+        _clear_in_flight(self.parts, chunk)
         return chunk, len(records), len(errors)
 
 
@@ -187,10 +191,21 @@ def _in_flight_path(parts: str, chunk: int) -> str:
     return os.path.join(parts, f"inflight_{chunk:06d}.txt")
 
 
-def _mark_in_flight(parts: str, chunk: int, name: str) -> None:
-    """The input a worker is about to decode (read back only after a worker died)."""
-    with open(_in_flight_path(parts, chunk), "w") as handle:
-        handle.write(name)
+class _InFlight:
+    """The input a worker is about to decode, in ``parts/inflight_<chunk>.txt`` (read back only
+    after a worker died). One descriptor per chunk, overwritten in place with ``pwrite``: an
+    ``open`` per file costs ~0.2 ms on some filesystems, a tenth of a slice's decode."""
+
+    RECORD = 4096
+
+    def __init__(self, parts: str, chunk: int):
+        self.fd = os.open(_in_flight_path(parts, chunk), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def mark(self, name: str) -> None:
+        os.pwrite(self.fd, name.encode()[: self.RECORD - 1].ljust(self.RECORD, b"\0"), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _clear_in_flight(parts: str, chunk: int) -> None:
@@ -202,8 +217,8 @@ def _clear_in_flight(parts: str, chunk: int) -> None:
 
 def _read_in_flight(parts: str, chunk: int) -> str | None:
     try:
-        with open(_in_flight_path(parts, chunk)) as handle:
-            return handle.read() or None
+        with open(_in_flight_path(parts, chunk), "rb") as handle:
+            return handle.read().rstrip(b"\0").decode() or None
     except FileNotFoundError:
         return None
 

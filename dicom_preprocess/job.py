@@ -99,6 +99,23 @@ class ChunkWorker:
         # Failpoint for fault-injection tests: the worker kills itself (SIGKILL, as the OOM killer
         # would) when it reaches one of these inputs. Unset in normal use.
         self.kill_on = set(filter(None, os.environ.get("MEDMOCO_FAILPOINT_KILL_ON", "").split(",")))
+        self.hang_on = set(filter(None, os.environ.get("MEDMOCO_FAILPOINT_HANG_ON", "").split(",")))
+        self.slow_on = set(filter(None, os.environ.get("MEDMOCO_FAILPOINT_SLOW_ON", "").split(",")))
+        self.in_worker_process = False  # set by _init_worker
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay the lazy start-up costs before any file is timed: torch (the resize of odd-sized
+        slices) and the numba kernels' cache. A SIGALRM landing inside a half-done import leaves
+        the interpreter broken for every later file, and a cold torch import from a network
+        filesystem can take longer than file_timeout_s."""
+        from .encoding import resize_square
+        from .reader import CodeMap, Slice
+
+        resize_square(np.zeros((1, 3, 3)), 2)
+        probe = Slice("warm-up", "", "", "", 0.0, codes=np.zeros((512, 512), np.uint16),
+                      code_map=CodeMap(False, 16, 1.0, -1024.0))
+        self.encoder.encode(probe)
 
     def _slices(self, source: Source, data: bytes):
         if source.kind == "dicom":
@@ -123,6 +140,9 @@ class ChunkWorker:
                 in_flight.mark(source.name)
                 if source.name in self.kill_on:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if source.name in self.hang_on:  # stuck where SIGALRM cannot reach, as inside C code
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                    time.sleep(3600)
                 if isinstance(data, Exception):
                     errors.append({"source": source.name, "reason": f"unreadable ({type(data).__name__}: {data})"})
                     continue
@@ -133,6 +153,8 @@ class ChunkWorker:
                     previous = signal.signal(signal.SIGALRM, _on_alarm)
                     signal.setitimer(signal.ITIMER_REAL, config.file_timeout_s)
                 try:
+                    if source.name in self.slow_on:  # slow in Python code: SIGALRM reaches it
+                        time.sleep(3600)
                     for image in self._slices(source, data):
                         tensor = self.encoder.encode(image)
                         ids = (image.patient_id, image.study_uid, image.series_uid)
@@ -146,6 +168,12 @@ class ChunkWorker:
                 except SkipImage as err:
                     errors.append({"source": source.name, "reason": str(err)})
                 except _FileTimeout:
+                    if self.in_worker_process:
+                        # The alarm may have landed anywhere (inside an import, a C extension's
+                        # Python glue): this interpreter is not trusted with another file. The
+                        # parent sees the death and retries the chunk alone (job._run_in_processes).
+                        in_flight.mark(source.name, hung=True)
+                        os.kill(os.getpid(), signal.SIGKILL)
                     errors.append({"source": source.name, "reason": f"timed out after {config.file_timeout_s} s"})
                 except MemoryError:
                     errors.append({"source": source.name, "reason": "out of memory while decoding"})
@@ -155,6 +183,7 @@ class ChunkWorker:
                     if self.use_alarm:
                         signal.setitimer(signal.ITIMER_REAL, 0)
                         signal.signal(signal.SIGALRM, previous)
+                    in_flight.idle()
             errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
             errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
                           if not s.skip_reason and s.name in self.quarantine)
@@ -176,6 +205,7 @@ def _init_worker(config_dict: dict) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _WORKER = ChunkWorker(PreprocessConfig(**config_dict))
+    _WORKER.in_worker_process = True
 
 
 def _run_chunk(task: tuple[int, list[Source]]) -> tuple[int, int, int]:
@@ -185,6 +215,7 @@ def _run_chunk(task: tuple[int, list[Source]]) -> tuple[int, int, int]:
 QUARANTINE_FILE = "quarantine.json"
 CRASH_REASON = ("the worker process died while decoding it twice (killed by the OS: out of memory, or a "
                 "decoder crash); skipped")
+HANG_REASON = "decoding it did not finish within {:.0f} s, twice (a decoder hung); skipped"
 
 
 def _in_flight_path(parts: str, chunk: int) -> str:
@@ -200,9 +231,17 @@ class _InFlight:
 
     def __init__(self, parts: str, chunk: int):
         self.fd = os.open(_in_flight_path(parts, chunk), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.idle()
 
-    def mark(self, name: str) -> None:
-        os.pwrite(self.fd, name.encode()[: self.RECORD - 1].ljust(self.RECORD, b"\0"), 0)
+    def mark(self, name: str, hung: bool = False) -> None:
+        """Decoding ``name`` starts now (the file's mtime is when; the watchdog reads both), or,
+        with ``hung``, it ran past ``file_timeout_s``."""
+        record = f"{os.getpid()}\t{'hung' if hung else 'decoding'}\t{name}".encode()[: self.RECORD - 1]
+        os.pwrite(self.fd, record.ljust(self.RECORD, b"\0"), 0)
+
+    def idle(self) -> None:
+        """Between decodes (reading an archive member is not timed)."""
+        os.pwrite(self.fd, b"\0" * self.RECORD, 0)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -215,12 +254,20 @@ def _clear_in_flight(parts: str, chunk: int) -> None:
         pass
 
 
-def _read_in_flight(parts: str, chunk: int) -> str | None:
+def _read_in_flight(parts: str, chunk: int) -> tuple[int, str, float, bool] | None:
+    """(worker pid, input being decoded, since when, past its time bound) of a chunk, or None
+    when it is not decoding."""
+    path = _in_flight_path(parts, chunk)
     try:
-        with open(_in_flight_path(parts, chunk), "rb") as handle:
-            return handle.read().rstrip(b"\0").decode() or None
+        with open(path, "rb") as handle:
+            text = handle.read().rstrip(b"\0").decode(errors="replace")
+        since = os.path.getmtime(path)
     except FileNotFoundError:
         return None
+    fields = text.split("\t", 2)
+    if len(fields) != 3:
+        return None
+    return int(fields[0]), fields[2], since, fields[1] == "hung"
 
 
 def read_quarantine(parts: str) -> dict:
@@ -232,9 +279,9 @@ def read_quarantine(parts: str) -> dict:
         return json.load(handle)
 
 
-def _quarantine(parts: str, name: str) -> None:
+def _quarantine(parts: str, name: str, reason: str = CRASH_REASON) -> None:
     found = read_quarantine(parts)
-    found[name] = CRASH_REASON
+    found[name] = reason
     cache_io.atomic_write_json(os.path.join(parts, QUARANTINE_FILE), found)
 
 
@@ -247,42 +294,65 @@ def _run_in_processes(config: PreprocessConfig, pending: list, workers: int, bar
     fresh single-worker pool: a chunk that kills its worker when alone has its current input
     quarantined (``parts/quarantine.json``, recorded in errors.csv) and is run again without it.
     A transient kill (memory pressure from elsewhere) costs a retry and quarantines nothing.
+
+    Watchdog: SIGALRM (``file_timeout_s``) cannot interrupt a decoder stuck inside C code, so the
+    parent also reads each worker's in-flight marker and SIGKILLs a worker whose current decode
+    has not finished after ``2 x file_timeout_s + 10`` s; from there the path is the one above.
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     parts = os.path.join(config.out, cache_io.PARTS)
     ctx = mp.get_context("spawn")  # fork after torch/numba threads can deadlock
     sizes = {chunk: len(sources) for chunk, sources in pending}
-    todo, suspects, anonymous_crashes, skipped = list(pending), [], 0, 0
+    stall_s = 2 * config.file_timeout_s + 10
+    todo, suspects, anonymous_crashes, skipped, hung = list(pending), [], 0, 0, set()
     while todo:
         batch = [next(t for t in todo if t[0] == suspects[0])] if suspects else todo
         with ProcessPoolExecutor(1 if suspects else workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(asdict(config),)) as pool:
-            futures = [pool.submit(_run_chunk, task) for task in batch]
+            waiting = {pool.submit(_run_chunk, task) for task in batch}
             broken = False
             try:
-                for future in as_completed(futures):
-                    chunk, _, n_skip = future.result()
-                    skipped += n_skip
-                    bar.update(sizes[chunk])
-                    bar.set_postfix(skipped=skipped, refresh=False)
+                while waiting:
+                    finished, waiting = wait(waiting, timeout=min(5.0, stall_s / 4), return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        chunk, _, n_skip = future.result()
+                        skipped += n_skip
+                        bar.update(sizes[chunk])
+                        bar.set_postfix(skipped=skipped, refresh=False)
+                    for chunk, _ in batch:
+                        state = _read_in_flight(parts, chunk)
+                        if state and time.time() - state[2] > stall_s:
+                            log.warning("%s: decoding for %.0f s; stopping its worker", state[1], time.time() - state[2])
+                            hung.add(state[1])
+                            try:
+                                os.kill(state[0], signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
             except BrokenProcessPool:
                 broken = True
         if not broken:
             done = {c for c, _ in batch}
         else:
             done = {c for c, _ in batch if cache_io.chunk_done(parts, c)}
-            crashed = [c for c, _ in batch if c not in done and _read_in_flight(parts, c)]
-            name = _read_in_flight(parts, suspects[0]) if suspects else None
-            if (suspects and name is None) or not (suspects or crashed):
-                anonymous_crashes += 1  # died before reading any input: nothing to blame
+            crashed = [c for c, _ in batch if c not in done and os.path.exists(_in_flight_path(parts, c))]
+            state = _read_in_flight(parts, suspects[0]) if suspects else None
+            if (suspects and state is None) or not (suspects or crashed):
+                anonymous_crashes += 1  # died before or between inputs: nothing to blame
                 if anonymous_crashes >= 3:
-                    raise RuntimeError("worker processes keep dying before reading any input; check the "
-                                       "memory limit of the job (finished chunks are kept)")
-            elif suspects:  # it ran alone: its current input killed the worker
-                _quarantine(parts, name)
-                log.warning("%s killed a worker process twice; skipped and recorded in errors.csv", name)
+                    raise RuntimeError("worker processes keep dying outside any input; check the memory "
+                                       "limit of the job (finished chunks are kept)")
+            elif suspects:  # it ran alone: its current input killed (or hung) the worker
+                name = state[1]
+                if state[3]:  # past file_timeout_s: the worker ended itself
+                    reason = HANG_REASON.format(config.file_timeout_s)
+                elif name in hung:  # stopped by the watchdog
+                    reason = HANG_REASON.format(stall_s)
+                else:
+                    reason = CRASH_REASON
+                _quarantine(parts, name, reason)
+                log.warning("%s: %s; recorded in errors.csv", name, reason)
             else:
                 log.warning("a worker process died (chunks in flight: %s); running them again one at a time",
                             crashed)

@@ -320,3 +320,26 @@ def test_a_worker_killed_once_from_outside_costs_a_retry_and_nothing_else(archiv
     assert "a worker process died" in caplog.text
     assert not os.path.exists(out / "parts" / "quarantine.json")
     caches_equal(open_cache(reference_cache), open_cache(str(out)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failpoint, bound", [("MEDMOCO_FAILPOINT_SLOW_ON", 1), ("MEDMOCO_FAILPOINT_HANG_ON", 12)])
+def test_a_file_that_never_finishes_is_quarantined_and_the_job_completes(archive, reference_cache, tmp_path,
+                                                                         monkeypatch, failpoint, bound):
+    """SLOW sleeps in Python: SIGALRM (file_timeout_s=1) fires and the worker ends itself, since an
+    interrupted interpreter is not trusted with more files. HANG blocks SIGALRM first, as a decoder
+    stuck inside C code would: the parent's watchdog kills the worker after 2 x 1 + 10 s. Either
+    way the chunk runs again alone, never finishes again, and its input is quarantined."""
+    import pydicom
+
+    victim = sorted(os.listdir(archive.images_dir))[9]
+    monkeypatch.setenv(failpoint, f"stage_2_train/{victim}")
+    out = tmp_path / "out"
+    started = time.time()
+    summary = run_preprocess(PreprocessConfig(input=archive.root, labels=archive.labels_csv, out=str(out), size=64,
+                                              workers=2, files_per_shard=4, file_timeout_s=1), progress=False)
+    assert summary.finalized and time.time() - started < 180
+    _, rejected = _outcome(out)
+    assert f"did not finish within {bound} s, twice (a decoder hung)" in rejected[f"stage_2_train/{victim}"]
+    victim_id = pydicom.dcmread(os.path.join(archive.images_dir, victim), stop_before_pixels=True).SOPInstanceUID
+    _images_equal_by_id(reference_cache, str(out), {victim_id})

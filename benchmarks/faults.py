@@ -169,6 +169,8 @@ def pretrain_kill_trials(work: str, cache_dir: str, trials: int) -> dict:
 def bomb_memory(work: str, seeds: list[str]) -> dict:
     import pydicom
 
+    from dicom_preprocess.hostile import read_memory_growth
+
     corpus = [os.path.join(work, "corpus", name) for name in sorted(os.listdir(os.path.join(work, "corpus")))
               if name.startswith("ID_bomb")]
     claimed = 0
@@ -176,24 +178,8 @@ def bomb_memory(work: str, seeds: list[str]) -> dict:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         claimed = max(claimed, int(ds.Rows) * int(ds.Columns) * 2 * frames)
-    code = (
-        "import resource, sys\n"
-        "from dicom_preprocess.reader import read_dicom, SkipImage\n"
-        "from dicom_preprocess.encoding import SliceEncoder\n"
-        "from dicom_preprocess.windowing import parse_windows\n"
-        "enc = SliceEncoder(parse_windows('brain,subdural,bone'), 'linear', 256)\n"
-        "enc.encode(read_dicom(sys.argv[1]))\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "for path in sys.argv[2:]:\n"
-        "    try:\n"
-        "        enc.encode(read_dicom(path))\n"
-        "    except SkipImage:\n"
-        "        pass\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, seeds[0], *corpus], capture_output=True, text=True, cwd=REPO,
-                         check=True)
-    return {"files": len(corpus), "growth_mb": float(out.stdout.strip().splitlines()[-1]),
+    growth = read_memory_growth(seeds[0], corpus)["growth_mb"]
+    return {"files": len(corpus), "growth_mb": growth,
             "largest_claim_mb": claimed / 2**20}
 
 

@@ -17,7 +17,10 @@ a zip bomb and duplicate members.
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
 import zipfile
@@ -260,3 +263,35 @@ def hostile_tar(path: str, members: list[bytes], outside_target: str) -> dict:
         archive.addfile(info)
         expect["dev/ID_device.dcm"] = "refused"
     return expect
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+from dicom_preprocess.encoding import SliceEncoder
+from dicom_preprocess.reader import SkipImage, read_dicom
+from dicom_preprocess.windowing import parse_windows
+encoder = SliceEncoder(parse_windows("brain,subdural,bone"), "linear", 256)
+encoder.encode(read_dicom(sys.argv[1]))  # warm up: imports, tables, numba
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcomes = []
+for path in sys.argv[2:]:
+    try:
+        encoder.encode(read_dicom(path))
+        outcomes.append("cached")
+    except SkipImage as err:
+        outcomes.append(str(err))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_mb": (peak - base) / 1024, "outcomes": outcomes}))
+"""
+
+
+def read_memory_growth(valid_file: str, paths: list[str]) -> dict:
+    """Peak RSS growth (MB) of a fresh process reading and encoding ``paths`` after one valid file.
+
+    Returns:
+        {"growth_mb": float, "outcomes": ["cached" or the skip reason, per path]}.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, valid_file, *paths], capture_output=True, text=True,
+                         cwd=root, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

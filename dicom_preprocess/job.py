@@ -190,8 +190,7 @@ class ChunkWorker:
             errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
             channels = len(self.encoder.windows)
             stacked = np.stack(pixels) if pixels else np.zeros((0, channels, config.size, config.size), np.uint8)
-            parts = os.path.join(config.out, cache_io.PARTS)
-            cache_io.write_chunk(parts, chunk, stacked, records, errors)
+            cache_io.write_chunk(self.parts, chunk, stacked, records, errors)
         finally:
             in_flight.close()
         _clear_in_flight(self.parts, chunk)
@@ -311,7 +310,8 @@ def _run_in_processes(config: PreprocessConfig, pending: list, workers: int, bar
         batch = [next(t for t in todo if t[0] == suspects[0])] if suspects else todo
         with ProcessPoolExecutor(1 if suspects else workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(asdict(config),)) as pool:
-            waiting = {pool.submit(_run_chunk, task) for task in batch}
+            chunk_of = {pool.submit(_run_chunk, task): task[0] for task in batch}
+            waiting = set(chunk_of)
             broken = False
             try:
                 while waiting:
@@ -321,7 +321,7 @@ def _run_in_processes(config: PreprocessConfig, pending: list, workers: int, bar
                         skipped += n_skip
                         bar.update(sizes[chunk])
                         bar.set_postfix(skipped=skipped, refresh=False)
-                    for chunk, _ in batch:
+                    for chunk in (chunk_of[future] for future in waiting):  # only chunks still running
                         state = _read_in_flight(parts, chunk)
                         if state and time.time() - state[2] > stall_s:
                             log.warning("%s: decoding for %.0f s; stopping its worker", state[1], time.time() - state[2])

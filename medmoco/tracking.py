@@ -215,12 +215,17 @@ class MlflowTracker(NullTracker):
         self._offline_until = 0.0
         self._warned = False
         self._local_history: dict[str, list] = {}
+        self._created: str | None = None  # the run a spooled create_run made, for the calls after it
+        # Whether calls are waiting in the spool: read from disk once here, then kept in memory, so
+        # a long outage does not re-read the growing spool at every call.
+        leftover = self.spool.pending() if self.spool else []
+        self._spooling = bool(leftover)
         if not start:  # replay only
             return
         pending_creation = False
-        if self.spool and self.spool.pending():
+        if leftover:
             # An earlier process of this run directory left calls behind: they go first.
-            pending_creation = any(op["op"] == "create_run" for op in self.spool.pending())
+            pending_creation = any(op["op"] == "create_run" for op in leftover)
             if self._flush():
                 pending_creation = False
                 if resume and run_id is None:
@@ -263,7 +268,7 @@ class MlflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call({"op": "set_terminated", "status": status}, retry_now=True)
-        if self.spool and self.spool.pending():
+        if self._spooling:
             log.warning("MLflow at %s is unreachable: %d tracking calls are kept in %s; send them with "
                         "`medmoco tracking-replay --run-dir %s`", self.uri, len(self.spool.pending()),
                         self.spool.path, self.run_dir)
@@ -282,16 +287,16 @@ class MlflowTracker(NullTracker):
 
     @property
     def offline(self) -> bool:
-        return bool(self.spool and self.spool.pending())
+        return self._spooling
 
     # -- sending, spooling, replaying ----------------------------------------------------------
     def _call(self, op: dict, retry_now: bool = False) -> None:
         if op["op"] != "create_run":
             op = {**op, "run_id": self.run_id}  # None: the run of the create_run spooled before it
-        if self.spool and self.spool.pending():
+        if self._spooling:
             if retry_now or time.monotonic() >= self._offline_until:
                 self._flush()
-            if self.spool.pending():
+            if self._spooling:
                 self.spool.append({**op, "uri": self.uri})
                 return
         try:
@@ -301,6 +306,7 @@ class MlflowTracker(NullTracker):
                 raise
             self._go_offline(err)
             self.spool.append({**op, "uri": self.uri})
+            self._spooling = True
 
     def _go_offline(self, err: BaseException) -> None:
         self._offline_until = time.monotonic() + self.retry_s
@@ -324,6 +330,7 @@ class MlflowTracker(NullTracker):
                 return False
             self.spool.mark_done(index + 1)
         self.spool.clear()
+        self._spooling = False
         if self._warned:
             log.warning("MLflow at %s answers again: %d spooled tracking calls sent", self.uri, len(ops) - done)
             self._warned = False
@@ -333,7 +340,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric, Param, RunTag
 
         kind = op["op"]
-        run_id = op.get("run_id") or getattr(self, "_created", None) or self.run_id
+        run_id = op.get("run_id") or self._created or self.run_id
         if kind == "create_run":
             exp = self.client.get_experiment_by_name(op["experiment"])
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -341,11 +348,10 @@ class MlflowTracker(NullTracker):
             run = self.client.create_run(exp_id, run_name=op["run_name"] or None, tags=op["tags"])
             self.run_id = self._created = run.info.run_id
             if self.run_dir:
+                from dicom_preprocess.cache import atomic_write_bytes
+
                 os.makedirs(self.run_dir, exist_ok=True)
-                tmp = os.path.join(self.run_dir, RUN_ID_FILE + ".tmp")
-                with open(tmp, "w") as handle:
-                    handle.write(self.run_id)
-                os.replace(tmp, os.path.join(self.run_dir, RUN_ID_FILE))
+                atomic_write_bytes(os.path.join(self.run_dir, RUN_ID_FILE), self.run_id.encode())
         elif kind == "update_run":
             self.client.update_run(run_id, status=op["status"])
         elif kind == "log_params":

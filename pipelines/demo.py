@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_preprocess.job import run_preprocess
     from dicom_preprocess.synthetic import synthesize
     from medmoco.config import FinetuneConfig, PretrainConfig, load_config
+    from medmoco.tracking import recorded_run_id
     from pipelines import evaluate, finetune, pretrain, register
 
     work = os.path.abspath(args.workdir)
@@ -81,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = _stage(4, "fine-tune at label fraction 0.2 (configs/finetune/cpu_demo.yaml)")
     report = os.path.join(paths["finetune"], "report", "metrics.json")
-    run_id_file = os.path.join(paths["finetune"], finetune.RUN_ID_FILE)
-    if os.path.exists(report) and os.path.exists(run_id_file):
-        run_id = open(run_id_file).read().strip()
+    run_id = recorded_run_id(paths["finetune"])
+    if os.path.exists(report) and run_id:
         _done(t, f"reusing run {run_id}")
     else:
         config = load_config(FinetuneConfig, os.path.join(REPO, "configs", "finetune", "cpu_demo.yaml"),

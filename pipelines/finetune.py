@@ -16,7 +16,6 @@ import logging
 import os
 
 from dicom_preprocess.config import ConfigError
-from medmoco.tracking import RUN_ID_FILE  # noqa: F401  (run_dir/mlflow_run_id, read by the demo)
 
 log = logging.getLogger("medmoco.finetune")
 MODEL_FILE = "model.pt"

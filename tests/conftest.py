@@ -138,3 +138,26 @@ def finetune_settings(cache: str, run_dir: str, db: str, **over) -> dict:
     for key, value in over.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
+
+
+def kill_in_epoch_3_then_resume(stage: str, config: str, run_dir, finished, delay: float) -> None:
+    """Run ``medmoco STAGE --config CONFIG``, SIGKILL it ``delay`` s after checkpoint 2 is written
+    (inside epoch 3), check that ``finished`` (what only a complete run writes) is not there, and
+    rerun it with ``--resume auto``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "medmoco", stage, "--config", config]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
+    target = os.path.join(str(run_dir), "checkpoints", "checkpoint_2.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(finished), "the run finished before it was killed"
+    subprocess.run(cmd + ["--resume", "auto"], check=True, capture_output=True, cwd=repo)

@@ -13,7 +13,7 @@ from medmoco.metrics import classification_metrics, weighted_log_loss
 from pipelines.evaluate import evaluate, predict, select
 from pipelines.finetune import training
 
-from .conftest import finetune_settings, write_yaml
+from .conftest import finetune_settings, kill_in_epoch_3_then_resume, write_yaml
 
 
 def _client(db):
@@ -197,10 +197,8 @@ def test_label_efficiency_experiment_writes_table_plot_and_child_runs(cls_cache,
 
 @pytest.mark.slow
 def test_killed_and_resumed_finetune_logs_the_same_metrics_and_weights(cls_cache, backbone_file, tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "medmoco", "finetune", "--config"]
@@ -213,16 +211,7 @@ def test_killed_and_resumed_finetune_logs_the_same_metrics_and_weights(cls_cache
         if name == "straight":
             subprocess.run(cmd + [cfg], check=True, capture_output=True, cwd=repo)
         else:
-            proc = subprocess.Popen(cmd + [cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
-            target = tmp_path / name / "checkpoints" / "checkpoint_2.pt"
-            deadline = time.time() + 300
-            while not target.exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.2)  # inside epoch 3
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert not (tmp_path / name / "report").exists(), "the run finished before it was killed"
-            subprocess.run(cmd + [cfg, "--resume", "auto"], check=True, capture_output=True, cwd=repo)
+            kill_in_epoch_3_then_resume("finetune", cfg, tmp_path / name, tmp_path / name / "report", delay=0.2)
         runs[name] = (_client(db), open(tmp_path / name / "mlflow_run_id").read().strip())
     for key in ("loss", "test_auc_mean", "test_weighted_logloss"):
         straight = [(m.step, m.value) for m in runs["straight"][0].get_metric_history(runs["straight"][1], key)]

@@ -1,9 +1,7 @@
 """The pretraining engine end to end: learning signal, MLflow, resume after kill -9, DDP (gloo)."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 from medmoco.config import PretrainConfig, load_config
 from pipelines.pretrain import training
 
-from .conftest import pretrain_settings, write_yaml
+from .conftest import kill_in_epoch_3_then_resume, pretrain_settings, write_yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,16 +84,7 @@ def test_killed_and_resumed_run_logs_the_same_losses_and_weights(tiny_cache, tmp
         if name == "straight":
             subprocess.run(cmd + [cfg], check=True, capture_output=True, cwd=REPO)
         else:
-            proc = subprocess.Popen(cmd + [cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-            target = tmp_path / name / "checkpoints" / "checkpoint_2.pt"
-            deadline = time.time() + 300
-            while not target.exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.3)  # somewhere inside epoch 3
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert not (tmp_path / name / "backbone.pt").exists(), "the run finished before it was killed"
-            subprocess.run(cmd + [cfg, "--resume", "auto"], check=True, capture_output=True, cwd=REPO)
+            kill_in_epoch_3_then_resume("pretrain", cfg, tmp_path / name, tmp_path / name / "backbone.pt", delay=0.3)
         run_id = open(tmp_path / name / "mlflow_run_id").read().strip()
         runs[name] = (db, run_id)
     straight = _history(*runs["straight"], "loss")

@@ -256,7 +256,7 @@ def attach_checkpointing(trainer: Engine, to_save: dict, config: PretrainConfig)
         for name in os.listdir(folder):
             if name.startswith("tmp") and not name.endswith(".pt"):
                 os.remove(os.path.join(folder, name))
-    saver = DiskSaver(checkpoint_dir(config.run_dir), require_empty=False, atomic=True)
+    saver = DiskSaver(folder, require_empty=False, atomic=True)
     handler = Checkpoint(to_save, saver, filename_prefix=CHECKPOINT_PREFIX, n_saved=config.keep_checkpoints,
                          global_step_transform=lambda engine, _: engine.state.epoch,
                          filename_pattern="{filename_prefix}_{global_step}.{ext}")

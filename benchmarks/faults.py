@@ -2,7 +2,7 @@
 
     python benchmarks/faults.py [--flips 200] [--kills 5] [--pretrain-kills 2]
 
-1. Fuzz corpus (dicom_preprocess.hostile) through the real preprocessing job: files, cached,
+1. Fuzz corpus (tests/hostile.py) through the real preprocessing job: files, cached,
    rejected with a reason, crashed (an "unexpected" reason or a job exception), hung (a per-file
    timeout), and the slowest file against the per-file bound.
 2. Kill-and-resume: `medmoco preprocess` SIGKILLed (with its workers) at random points and
@@ -46,7 +46,7 @@ def _square_seeds(images_dir: str, n: int = 4) -> list[str]:
 def fuzz_figures(work: str, seeds: list[str], flips: int) -> dict:
     from dicom_preprocess import open_cache
     from dicom_preprocess.config import PreprocessConfig
-    from dicom_preprocess.hostile import fuzz_corpus
+    from tests.hostile import fuzz_corpus
     from dicom_preprocess.job import run_preprocess
     from dicom_preprocess.reader import SkipImage, read_dicom
 
@@ -169,7 +169,7 @@ def pretrain_kill_trials(work: str, cache_dir: str, trials: int) -> dict:
 def bomb_memory(work: str, seeds: list[str]) -> dict:
     import pydicom
 
-    from dicom_preprocess.hostile import read_memory_growth
+    from tests.hostile import read_memory_growth
 
     corpus = [os.path.join(work, "corpus", name) for name in sorted(os.listdir(os.path.join(work, "corpus")))
               if name.startswith("ID_bomb")]

@@ -5,8 +5,8 @@ Layout of a cache directory::
     metadata.json         windows, size, versions, input fingerprint, counts (written last:
                           its presence means the cache is complete)
     manifest.parquet      one row per image: image_id, patient_id, study_uid, series_uid, z,
-                          source, shard, row, six labels, labeled, split, in_label_subset,
-                          slice_index, series_length, prev_index, next_index
+                          source, shard, row, notes, six labels, labeled, split,
+                          in_label_subset, slice_index, series_length, prev_index, next_index
     errors.csv            source, reason: every input that is not in the cache
     parts/chunk_NNNNNN.npy    uint8 (n, C, size, size), opened with np.load(mmap_mode="r")
     parts/chunk_NNNNNN.json   the chunk's records and errors; written after its .npy, so a
@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from .files import atomic_file, atomic_write_json
 from .labels import SUBTYPES
 
 CHUNK_PREFIX = "chunk_"
@@ -32,6 +33,7 @@ METADATA = "metadata.json"
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.csv"
 PARTS = "parts"
+JOB_FILE = "job.json"  # in parts/: the job's settings and input fingerprint
 CACHE_FORMAT = 1
 
 
@@ -39,42 +41,21 @@ def chunk_stem(parts_dir: str, chunk: int) -> str:
     return os.path.join(parts_dir, f"{CHUNK_PREFIX}{chunk:06d}")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write, fsync and rename, so that ``path`` is either absent or complete."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: str, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
-
-
 def write_chunk(parts_dir: str, chunk: int, pixels: np.ndarray, records: list[dict], errors: list[dict]) -> None:
     """Store one finished chunk: pixels first, then the .json that marks it complete."""
     stem = chunk_stem(parts_dir, chunk)
-    tmp = f"{stem}.npy.tmp{os.getpid()}"
-    try:
-        pixels = np.ascontiguousarray(pixels)
-        with open(tmp, "wb") as handle:
-            # The .npy format written by hand: np.save on a real file uses ndarray.tofile, which
-            # reports a full disk as "N requested and M written" without errno ENOSPC.
-            np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(pixels))
-            handle.write(pixels.data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, f"{stem}.npy")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    pixels = np.ascontiguousarray(pixels)
+    with atomic_file(f"{stem}.npy") as handle:
+        # The .npy format written by hand: np.save on a real file uses ndarray.tofile, which
+        # reports a full disk as "N requested and M written" without errno ENOSPC.
+        np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(pixels))
+        handle.write(pixels.data)
     atomic_write_json(f"{stem}.json", {"chunk": chunk, "records": records, "errors": errors})
+
+
+def read_job_record(parts_dir: str) -> dict:
+    with open(os.path.join(parts_dir, JOB_FILE)) as handle:
+        return json.load(handle)
 
 
 def chunk_done(parts_dir: str, chunk: int) -> bool:

@@ -185,6 +185,9 @@ class PreprocessConfig:
     seed: int = 0
     shard: str = ""  # "i/n": this job handles every n-th chunk starting at i (SLURM arrays)
     file_timeout_s: float = 30.0
+    # A decode stuck where SIGALRM cannot reach (inside C code) is killed by the supervisor's
+    # watchdog after 2 x file_timeout_s + watchdog_grace_s (more on slow network filesystems).
+    watchdog_grace_s: float = 10.0
     hash_ids: bool = False
     hash_salt: str = ""
 
@@ -214,6 +217,8 @@ class PreprocessConfig:
             parse_shard(self.shard)
         if self.file_timeout_s <= 0:
             raise ConfigError(f"file_timeout_s {self.file_timeout_s}: must be > 0")
+        if self.watchdog_grace_s < 0:
+            raise ConfigError(f"watchdog_grace_s {self.watchdog_grace_s}: must be >= 0")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -90,10 +90,27 @@ def read_rsna_labels(path: str) -> tuple[pd.DataFrame, LabelReport]:
     return wide, report
 
 
+def write_long_format(image_ids, values, path: str, float_format: str | None = None) -> str:
+    """The RSNA long format: ``ID,Label`` with six rows ``ID_<image>_<subtype>`` per image.
+
+    The one writer of both label files (0/1) and Kaggle submissions (probabilities, e.g.
+    ``float_format="%.6f"``).
+
+    Args:
+        image_ids: N image ids (``ID_...``).
+        values: (N, 6) in :data:`SUBTYPES` order.
+    """
+    import os
+
+    ids = np.repeat(np.asarray(image_ids, dtype=str), len(SUBTYPES))
+    subtypes = np.tile(np.array(SUBTYPES), len(ids) // len(SUBTYPES))
+    rows = pd.DataFrame({"ID": np.char.add(np.char.add(ids, "_"), subtypes),
+                         "Label": np.asarray(values).reshape(-1)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows.to_csv(path, index=False, float_format=float_format)
+    return path
+
+
 def write_rsna_labels(labels: pd.DataFrame, path: str) -> None:
     """Write a frame indexed by image id with subtype columns in RSNA long format."""
-    ids = np.repeat(labels.index.to_numpy(dtype=str), len(SUBTYPES))
-    subtypes = np.tile(np.array(SUBTYPES), len(labels))
-    rows = pd.DataFrame({"ID": [f"{i}_{s}" for i, s in zip(ids, subtypes)],
-                         "Label": labels[list(SUBTYPES)].to_numpy().reshape(-1)})
-    rows.to_csv(path, index=False)
+    write_long_format(labels.index.to_numpy(dtype=str), labels[list(SUBTYPES)].to_numpy(), path)

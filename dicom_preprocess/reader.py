@@ -238,8 +238,12 @@ def read_dicom(source: str | bytes | BinaryIO, name: str = "") -> Slice:
         raw_bytes = source.read()
     if len(raw_bytes) == 0:
         raise SkipImage("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # RSNA's ID_... UIDs and odd VRs warn by design
+    from pydicom.config import disable_value_validation
+
+    # RSNA's ID_... UIDs and odd VRs would warn (and log) once per value: validation off; the
+    # checks that matter for the pixels are made below.
+    with warnings.catch_warnings(), disable_value_validation():
+        warnings.simplefilter("ignore")
         try:
             try:
                 ds = pydicom.dcmread(io.BytesIO(raw_bytes))

@@ -166,11 +166,14 @@ def encode_codes(hu: np.ndarray, encoding: str) -> np.ndarray:
 
 def write_dicom(path: str, codes: np.ndarray, tags: dict) -> None:
     """Write an RSNA-style CT slice (Explicit VR Little Endian, 16-bit) with pydicom."""
+    from pydicom.config import disable_value_validation
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ID_... UIDs are invalid UIs by design (as in RSNA)
+    # RSNA's ID_... UIDs are not valid UIs; pydicom 3 would log "Invalid value for VR UI" for each
+    # value it writes (several per file), so validation is off while writing these files.
+    with warnings.catch_warnings(), disable_value_validation():
+        warnings.simplefilter("ignore")
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
         meta.MediaStorageSOPInstanceUID = tags["SOPInstanceUID"]

@@ -86,43 +86,62 @@ class TrackingConfig:
 
 
 @dataclass
-class PretrainConfig:
+class RuntimeConfig:
+    """What every training stage carries besides its method: where it runs and how fast, how it
+    is seeded, checkpointed, resumed and tracked. ``batch_size`` is per process (per GPU)."""
+
     cache: str = ""
-    run_dir: str = "runs/pretrain"
-    splits: list = field(default_factory=lambda: ["unsupervised"])
-    context: int = 0  # 2.5D: neighbouring slices s-k..s+k as extra channels
-    image_size: int = 224
-    epochs: int = 200
-    batch_size: int = 64  # per process (GPU); global = batch_size x world size
+    run_dir: str = "runs/run"
+    epochs: int = 10
+    batch_size: int = 32
     max_iters_per_epoch: int = 0  # 0: the whole split each epoch (small values for demos/tests)
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler, CUDA only)
     channels_last: bool = False
-    workers: int = 4
+    device: str = ""  # "" -> cuda when available
+    workers: int = 2
     pin_memory: bool = True
     seed: int = 0
     deterministic: bool = False
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    knn_every: int = 5  # epochs; 0 disables the kNN monitor
-    knn_samples: int = 2000
-    knn_k: int = 20
+    keep_checkpoints: int = 2
     backend: str = ""  # "" -> nccl with CUDA, gloo otherwise
     dist_timeout_s: float = 1800.0  # a collective fails after this long without the other ranks
-    device: str = ""  # "" -> cuda when available
     progress: bool = True
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp {self.amp!r}: use one of {AMP_MODES}")
-        for name in ("epochs", "batch_size", "image_size"):
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
-        if self.context < 0 or self.workers < 0:
-            raise ConfigError("context and workers: must be >= 0")
+        if self.workers < 0:
+            raise ConfigError(f"workers {self.workers}: must be >= 0")
+
+
+@dataclass
+class PretrainConfig(RuntimeConfig):
+    run_dir: str = "runs/pretrain"
+    splits: list = field(default_factory=lambda: ["unsupervised"])
+    context: int = 0  # 2.5D: neighbouring slices s-k..s+k as extra channels
+    image_size: int = 224
+    epochs: int = 200
+    batch_size: int = 64  # per process (GPU); global = batch_size x world size
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    workers: int = 4
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    knn_every: int = 5  # epochs; 0 disables the kNN monitor
+    knn_samples: int = 2000
+    knn_k: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size < 1:
+            raise ConfigError(f"image_size {self.image_size}: must be >= 1")
+        if self.context < 0:
+            raise ConfigError(f"context {self.context}: must be >= 0")
         if self.moco.bn_splits > 1 and self.batch_size % self.moco.bn_splits:
             raise ConfigError(f"moco.bn_splits {self.moco.bn_splits}: must divide batch_size {self.batch_size}")
 
@@ -142,14 +161,13 @@ class SupervisedAugmentConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RuntimeConfig):
     """`medmoco finetune`: a six-subtype head on a MoCo (or random) backbone.
 
     Modes (the RSNA lab's): ``finetune`` (MoCo init, whole network trained), ``linear`` (MoCo
     init, backbone frozen in eval mode, only the head trains), ``scratch`` (random init).
     """
 
-    cache: str = ""
     run_dir: str = "runs/finetune"
     mode: str = "finetune"
     pretrained: str = ""  # medmoco backbone export, MoCo checkpoint, or runs:/<id> of a pretraining run
@@ -161,40 +179,53 @@ class FinetuneConfig:
     eval_split: str = "test"
     context: int = -1  # 2.5D neighbours; -1 -> the pretrained file's, else 0
     image_size: int = 0  # 0 -> the cache's size
-    epochs: int = 10
-    batch_size: int = 32  # per process
-    max_iters_per_epoch: int = 0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.01, weight_decay=0.0))
     class_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
     pos_weight: list = field(default_factory=list)  # [] or six values
     augment: SupervisedAugmentConfig = field(default_factory=SupervisedAugmentConfig)
-    amp: str = "none"
-    channels_last: bool = False
-    workers: int = 2
-    pin_memory: bool = True
-    seed: int = 0
-    deterministic: bool = False
-    keep_checkpoints: int = 2
     eval_batch_size: int = 64
-    backend: str = ""
-    dist_timeout_s: float = 1800.0
-    device: str = ""
-    progress: bool = True
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-finetune"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in FINETUNE_MODES:
             raise ConfigError(f"mode {self.mode!r}: use one of {FINETUNE_MODES}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction {self.label_fraction}: must be in (0, 1]")
         if self.mode in ("finetune", "linear") and not self.pretrained:
             raise ConfigError(f"pretrained: required for mode {self.mode!r} (a `medmoco pretrain` export or runs:/ID)")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp {self.amp!r}: use one of {AMP_MODES}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size {self.eval_batch_size}: must be >= 1")
         if len(self.class_weights) != 6:
             raise ConfigError(f"class_weights {self.class_weights}: need six values (epidural .. any)")
         if self.pos_weight and len(self.pos_weight) != 6:
             raise ConfigError(f"pos_weight {self.pos_weight}: need six values or []")
+
+
+@dataclass
+class ExperimentConfig:
+    """`medmoco experiment`: every mode x label fraction x trial as a fine-tuning child run.
+
+    ``finetune`` holds the settings every trial shares (a :class:`FinetuneConfig` mapping, checked
+    at load; cache, mode, label fraction, seed and run dir are set by the experiment per trial).
+    """
+
+    cache: str = ""
+    pretrained: str = ""
+    run_dir: str = "runs/experiment"
+    modes: list = field(default_factory=lambda: ["finetune", "linear", "scratch"])
+    label_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.2, 1.0])
+    trials: int = 3
+    finetune: dict = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-label-efficiency"))
+
+    def __post_init__(self) -> None:
+        for mode in self.modes:
+            if mode not in FINETUNE_MODES:
+                raise ConfigError(f"modes: {mode!r} is not one of {FINETUNE_MODES}")
+        for fraction in self.label_fractions:
+            if not 0 < float(fraction) <= 1:
+                raise ConfigError(f"label_fractions: {fraction} must be in (0, 1]")
+        if self.trials < 1:
+            raise ConfigError(f"trials {self.trials}: must be >= 1")
+        from_mapping(FinetuneConfig, {**self.finetune, "mode": "scratch"}, "finetune")  # every key checked now

@@ -32,7 +32,9 @@ class MedmocoClassifier(PythonModel):
 
         self.predictor = ClassifierPredictor(context.artifacts["weights"])
 
-    def predict(self, context, model_input, params=None):
+    # The type hints tell MLflow the input is a frame (no signature is inferred from them: the
+    # registered signature lists the three optional columns); without hints MLflow warns twice.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from dicom_preprocess import SUBTYPES
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -17,15 +17,18 @@ def _pyplot():
 
 def roc_figure(labels: np.ndarray, probs: np.ndarray, path: str) -> str:
     """The ROC curves of the six subtypes in one PNG (a class with one label value is noted, not drawn)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from .metrics import per_class_auc
 
     plt = _pyplot()
+    auc = per_class_auc(labels, probs)
     fig, axes = plt.subplots(2, 3, figsize=(12, 8))
     for ax, j in zip(axes.ravel(), range(len(SUBTYPES))):
         y = labels[:, j]
         if 0 < y.sum() < len(y):
             fpr, tpr, _ = roc_curve(y, probs[:, j])
-            ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(y, probs[:, j]):.3f}")
+            ax.plot(fpr, tpr, lw=2, label=f"AUC {auc[SUBTYPES[j]]:.3f}")
             ax.legend(loc="lower right")
         else:
             ax.text(0.5, 0.5, "one label value: no ROC", ha="center")
@@ -73,3 +76,29 @@ def label_efficiency_figure(table, path: str) -> str:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def write_metrics_report(out_dir: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
+                         extra: dict | None = None) -> list[str]:
+    """``metrics.csv``/``.md``/``.json`` and ``roc_curves.png`` of one evaluation in ``out_dir``.
+
+    Returns:
+        The paths written.
+    """
+    import json
+    import os
+
+    import pandas as pd
+
+    from .metrics import markdown_table, metrics_table
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = metrics_table(metrics)
+    paths = [os.path.join(out_dir, name) for name in ("metrics.csv", "metrics.md", "metrics.json", "roc_curves.png")]
+    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    with open(paths[1], "w") as handle:
+        handle.write(markdown_table(rows))
+    with open(paths[2], "w") as handle:
+        json.dump({**metrics, **(extra or {})}, handle, indent=1)
+    roc_figure(labels, probs, paths[3])
+    return paths

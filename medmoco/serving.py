@@ -3,7 +3,7 @@
 :class:`ClassifierPredictor` applies exactly the preprocessing recorded in the model file (the
 cache's windows, window mode and size: ``dicom_preprocess``'s reader and :class:`SliceEncoder`,
 the same code that built the training cache) and the same input preparation as evaluation
-(:func:`medmoco.engines.supervised.prepare_images`), so its probabilities equal `medmoco
+(:func:`medmoco.transforms.supervised.prepare_images`), so its probabilities equal `medmoco
 evaluate` on the same images. The MLflow model (:mod:`medmoco.pyfunc_model`) wraps it.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ClassifierPredictor:
     @torch.no_grad()
     def predict_tensors(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, C, H, W) windowed tensors -> probabilities (N, 6)."""
-        from .engines.supervised import prepare_images
+        from .transforms.supervised import prepare_images
 
         images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4:

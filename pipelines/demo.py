@@ -10,12 +10,10 @@ archive/, cache/, pretrain/, finetune/, eval/, mlflow.db, mlartifacts/.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up and signature checks log at INFO
 
     from dicom_preprocess.config import PreprocessConfig
     from dicom_preprocess.job import run_preprocess

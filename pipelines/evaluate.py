@@ -19,7 +19,7 @@ log = logging.getLogger("medmoco.evaluate")
 
 
 def resolve_model(spec: str, tracking_uri: str = "") -> str:
-    """A local ``model.pt`` for a path, ``runs:/ID`` or ``models:/...`` URI.
+    """A local ``model.pt`` for a path, a folder holding one, ``runs:/ID`` or ``models:/...`` URI.
 
     Raises:
         ConfigError: when nothing loadable is found.
@@ -27,49 +27,26 @@ def resolve_model(spec: str, tracking_uri: str = "") -> str:
     if os.path.isfile(spec):
         return spec
     if os.path.isdir(spec):
-        found = _find_model_file(spec)
-        if found:
-            return found
+        for dirpath, _, files in os.walk(spec):
+            if "model.pt" in files:
+                return os.path.join(dirpath, "model.pt")
     if spec.startswith(("runs:/", "models:/")):
-        import mlflow
+        from medmoco.tracking import fetch_artifact
 
-        from medmoco.tracking import resolve_tracking_uri
-
-        uri = spec
-        if spec.startswith("runs:/") and len(spec[len("runs:/"):].strip("/").split("/")) == 1:
-            uri = spec.rstrip("/") + "/model/model.pt"
         try:
-            store = resolve_tracking_uri(tracking_uri)  # passed, not set: set_tracking_uri leaks into os.environ
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, registry_uri=store)
-        except Exception as err:
-            raise ConfigError(f"model {spec}: cannot fetch from MLflow ({str(err)[:200]})") from None
-        found = local if os.path.isfile(local) else _find_model_file(local)
-        if found:
-            return found
+            return fetch_artifact(spec, "model.pt", "model/model.pt", tracking_uri)
+        except LookupError as err:
+            raise ConfigError(f"model {spec}: {err}") from None
     raise ConfigError(f"model {spec}: no model.pt found (a `medmoco finetune` model.pt, runs:/ID or models:/NAME@ALIAS)")
-
-
-def _find_model_file(root: str) -> str | None:
-    for dirpath, _, files in os.walk(root):
-        if "model.pt" in files:
-            return os.path.join(dirpath, "model.pt")
-    return None
 
 
 def write_submission(image_ids, probs, path: str) -> str:
     """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]."""
     import numpy as np
-    import pandas as pd
 
-    from dicom_preprocess import SUBTYPES
+    from dicom_preprocess.labels import write_long_format
 
-    ids = np.repeat(np.asarray(image_ids, dtype=str), len(SUBTYPES))
-    subtypes = np.tile(np.array(SUBTYPES), len(image_ids))
-    labels = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0).reshape(-1)
-    frame = pd.DataFrame({"ID": np.char.add(np.char.add(ids, "_"), subtypes), "Label": labels})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    frame.to_csv(path, index=False, float_format="%.6f")
-    return path
+    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path, "%.6f")
 
 
 def predict_cache(model_path: str, cache_dir: str, split: str | None = None, device: str = "cpu",

@@ -13,33 +13,10 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 
-from dicom_preprocess.config import ConfigError
+from medmoco.config import ExperimentConfig  # noqa: F401 (the stage's schema)
 
 log = logging.getLogger("medmoco.experiment")
-
-
-@dataclass
-class ExperimentConfig:
-    cache: str = ""
-    pretrained: str = ""
-    run_dir: str = "runs/experiment"
-    modes: list = field(default_factory=lambda: ["finetune", "linear", "scratch"])
-    label_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.2, 1.0])
-    trials: int = 3
-    finetune: dict = field(default_factory=dict)
-    tracking: dict = field(default_factory=lambda: {"experiment": "medmoco-label-efficiency"})
-
-    def __post_init__(self) -> None:
-        for mode in self.modes:
-            if mode not in ("finetune", "linear", "scratch"):
-                raise ConfigError(f"modes: {mode!r} is not finetune, linear or scratch")
-        for fraction in self.label_fractions:
-            if not 0 < float(fraction) <= 1:
-                raise ConfigError(f"label_fractions: {fraction} must be in (0, 1]")
-        if self.trials < 1:
-            raise ConfigError(f"trials {self.trials}: must be >= 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def trial_configs(exp: ExperimentConfig):
     """(name, FinetuneConfig) for every mode x fraction x trial, validated before anything runs."""
-    from medmoco.config import FinetuneConfig, from_mapping
+    from medmoco.config import FinetuneConfig, from_mapping, to_dict
 
     out = []
     for mode in exp.modes:
@@ -61,7 +38,7 @@ def trial_configs(exp: ExperimentConfig):
                 data = {**exp.finetune, "cache": exp.cache, "mode": mode, "label_fraction": float(fraction),
                         "seed": trial, "run_dir": os.path.join(exp.run_dir, name),
                         "pretrained": exp.pretrained if mode != "scratch" else "",
-                        "tracking": {**exp.finetune.get("tracking", {}), **exp.tracking, "run_name": name}}
+                        "tracking": {**exp.finetune.get("tracking", {}), **to_dict(exp.tracking), "run_name": name}}
                 out.append((name, mode, float(fraction), trial, from_mapping(FinetuneConfig, data, "experiment")))
     return out
 
@@ -92,19 +69,19 @@ def markdown(table) -> str:
 
 
 def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
+    from dicom_preprocess.files import atomic_write_json
     from medmoco.reports import label_efficiency_figure
     from medmoco.tracking import create_tracker
     from pipelines.finetune import training
 
     if tracking_uri:
-        exp.tracking["uri"] = tracking_uri
+        exp.tracking.uri = tracking_uri
     trials = trial_configs(exp)
     os.makedirs(exp.run_dir, exist_ok=True)
     # The parent run lives in run_dir (mlflow_run_id): a rerun continues it and skips finished trials.
-    parent = create_tracker(exp.tracking.get("enabled", True), exp.tracking.get("uri", ""),
-                            exp.tracking.get("experiment", "medmoco-label-efficiency"), "label-efficiency",
+    parent = create_tracker(exp.tracking.enabled, exp.tracking.uri, exp.tracking.experiment, "label-efficiency",
                             tags={"stage": "experiment"}, run_dir=exp.run_dir, resume=True,
-                            retry_s=float(exp.tracking.get("retry_s", 30.0)))
+                            retry_s=exp.tracking.retry_s)
     parent.log_params({"modes": exp.modes, "label_fractions": exp.label_fractions, "trials": exp.trials,
                        "cache": exp.cache, "pretrained": exp.pretrained})
     results = []
@@ -118,9 +95,7 @@ def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
         out = training(0, config)
         record = {"mode": mode, "label_fraction": fraction, "trial": trial, "run_id": out["run_id"],
                   **{k: v for k, v in out["metrics"].items() if k.startswith(("auc_", "weighted"))}}
-        with open(done + ".tmp", "w") as handle:
-            json.dump(record, handle)
-        os.replace(done + ".tmp", done)
+        atomic_write_json(done, record)
         results.append(record)
     table = summarise(results)
     table.to_csv(os.path.join(exp.run_dir, "table.csv"), index=False)

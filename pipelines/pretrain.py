@@ -68,12 +68,12 @@ def training(local_rank: int, config, resume: str = "") -> dict:
 
     from dicom_preprocess import open_cache
     from medmoco.config import flatten, to_dict
+    from medmoco.engines.common import RNGState, attach_checkpointing, attach_progress, device_for, resume_from
     from medmoco.engines.knn import knn_monitor
-    from medmoco.engines.pretrain import (RNGState, attach_checkpointing, create_pretrainer,
-                                          find_resume_checkpoint, get_dataflow, in_channels, initialize)
+    from medmoco.engines.pretrain import create_pretrainer, get_dataflow, in_channels, initialize
     from medmoco.models import export_backbone
     from medmoco.models.backbones import feature_size
-    from medmoco.tracking import create_tracker
+    from medmoco.tracking import TrackingHandler, create_tracker
 
     rank = idist.get_rank()
     validate(config)
@@ -82,27 +82,19 @@ def training(local_rank: int, config, resume: str = "") -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     cache = open_cache(config.cache)
     loader = get_dataflow(config, cache)
-    model, optimizer, scheduler, scaler, lr = initialize(config, cache, len(loader))
+    model, optimizer, scheduler, scaler, lr = initialize(config, cache)
     trainer = create_pretrainer(model, optimizer, scaler, config)
     moco = getattr(model, "module", model)
-    rng_state = RNGState()
     to_save = {"model": moco, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer,
-               "scaler": scaler, "rng": rng_state}
+               "scaler": scaler, "rng": RNGState()}
     os.makedirs(config.run_dir, exist_ok=True)
-    resume_path, state = find_resume_checkpoint(resume, config.run_dir)
-    if state is not None:
-        from ignite.handlers import Checkpoint
-
-        Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-        if rank == 0:
-            log.warning("resumed from %s (epoch %d)", resume_path, trainer.state.epoch)
+    resume_from(resume, config.run_dir, to_save)
     world = idist.get_world_size()
     # The tracker continues the run of run_dir/mlflow_run_id when resuming, and spools its calls
     # in run_dir while the MLflow store is unreachable (medmoco.tracking).
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
                              config.tracking.run_name, tags={"stage": "pretrain", "cache_fingerprint": cache.fingerprint},
-                             run_dir=config.run_dir, resume=bool(resume),
-                             retry_s=config.tracking.retry_s)
+                             run_dir=config.run_dir, resume=bool(resume), retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": config.batch_size * world, "effective_lr": lr,
                    "in_channels": in_channels(config, cache), "steps_per_epoch": len(loader)})
@@ -112,51 +104,37 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     def _set_epoch(engine):
         loader.sampler.set_epoch(engine.state.epoch)
 
-    @trainer.on(Events.ITERATION_COMPLETED(every=max(1, config.log_every)))
-    def _log_iteration(engine):
-        tracker.log_metrics({"loss": engine.state.output["loss"], "lr": optimizer.param_groups[0]["lr"]},
-                            engine.state.iteration)
-
-    history = []
-
     @trainer.on(Events.EPOCH_COMPLETED)
-    def _log_epoch(engine):
-        metrics = dict(engine.state.epoch_metrics)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+    def _knn_monitor(engine):
         epoch = engine.state.epoch
         if config.knn_every and (epoch % config.knn_every == 0 or epoch == config.epochs) and rank == 0:
-            auc = knn_monitor(moco.encoder_q.backbone, cache, idist.device() if not config.device else config.device,
-                              config.knn_samples, config.knn_k, config.seed, config.context)
-            metrics.update({f"knn_auc_{k}": v for k, v in auc.items()})
-        tracker.log_metrics(metrics, epoch)
-        history.append({"epoch": epoch, **metrics})
+            auc = knn_monitor(moco.encoder_q.backbone, cache, device_for(config), config.knn_samples, config.knn_k,
+                              config.seed, config.context)
+            engine.state.epoch_metrics.update({f"knn_auc_{k}": v for k, v in auc.items()})
         if rank == 0:
-            log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+            log.info("epoch %d: %s", epoch, json.dumps({k: round(v, 4) for k, v in engine.state.epoch_metrics.items()}))
 
-    # After _log_epoch (which steps the scheduler), so a checkpoint holds the next epoch's state.
-    attach_checkpointing(trainer, to_save, config)
-    if config.progress and rank == 0:
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
-    try:
-        trainer.run(loader, max_epochs=config.epochs)
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
     export_path = os.path.join(config.run_dir, "backbone.pt")
-    if rank == 0:
-        export_backbone(moco, export_path, config.moco.arch, in_channels(config, cache),
-                        feature_size(config.moco.arch),
-                        meta={"cache_fingerprint": cache.fingerprint, "image_size": config.image_size,
-                              "context": config.context, "mlflow_run_id": tracker.run_id or "",
-                              "epochs": trainer.state.epoch})
-        tracker.log_artifact(export_path, "backbone")
-        tracker.set_tags({"backbone_export": os.path.abspath(export_path)})
-    tracker.finish("FINISHED")
+
+    @trainer.on(Events.COMPLETED)
+    def _export(engine):
+        if rank == 0:
+            export_backbone(moco, export_path, config.moco.arch, in_channels(config, cache),
+                            feature_size(config.moco.arch),
+                            meta={"cache_fingerprint": cache.fingerprint, "image_size": config.image_size,
+                                  "context": config.context, "mlflow_run_id": tracker.run_id or "",
+                                  "epochs": engine.state.epoch})
+            tracker.log_artifact(export_path, "backbone")
+            tracker.set_tags({"backbone_export": os.path.abspath(export_path)})
+
+    tracking = TrackingHandler(tracker, log_every=max(1, config.log_every), optimizer=optimizer)
+    tracking.attach(trainer)  # after the kNN monitor and the export: it logs them and then closes the run
+    scheduler.attach(trainer)  # after the epoch was logged at its own lr
+    attach_checkpointing(trainer, to_save, config.run_dir, config.keep_checkpoints)  # after the lr step
+    attach_progress(trainer, config.progress)
+    trainer.run(loader, max_epochs=config.epochs)
     idist.barrier()
-    return {"history": history, "run_id": tracker.run_id, "export": export_path, "epochs": trainer.state.epoch}
+    return {"history": tracking.history, "run_id": tracker.run_id, "export": export_path, "epochs": trainer.state.epoch}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,11 +40,9 @@ def add_review_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from medmoco.tracking import client
 
-    from medmoco.tracking import resolve_tracking_uri
-
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri), registry_uri=resolve_tracking_uri(uri))
+    return client(uri)
 
 
 def source_commit() -> str:
@@ -118,7 +116,9 @@ def register(run_id: str, name: str = MODEL_NAME, alias: str = "candidate", trac
     from dicom_preprocess import SUBTYPES
     from medmoco.models.export import read_weights
     from medmoco.tracking import resolve_tracking_uri, tracking_uri_scope
+    from medmoco.tracking.store import quiet_defaults
 
+    quiet_defaults()
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
     try:

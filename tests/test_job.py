@@ -48,7 +48,8 @@ def test_cache_api_and_metadata(small_cache, archive):
 def test_zip_tar_and_folder_give_identical_caches(archive, small_cache, tmp_path):
     zip_path = tmp_path / "a.zip"
     tar_path = tmp_path / "a.tar.gz"
-    with zipfile.ZipFile(zip_path, "w") as zf, tarfile.open(tar_path, "w:gz") as tf:
+    # compresslevel=1: gzip -9 of noisy slices took 30 s of this test, and the level changes nothing read
+    with zipfile.ZipFile(zip_path, "w") as zf, tarfile.open(tar_path, "w:gz", compresslevel=1) as tf:
         for name in sorted(os.listdir(archive.images_dir)):
             full = os.path.join(archive.images_dir, name)
             zf.write(full, f"stage_2_train/{name}")
@@ -197,3 +198,50 @@ def test_cli_preprocess_and_open_cache(archive, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", archive.images_dir,
                           "--out", str(tmp_path / "x"), "--set", "sizee=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "sizee" in bad.stderr
+
+
+def test_rsna_uids_are_written_and_read_without_a_warning_per_file(tmp_path, caplog):
+    """RSNA's ID_... UIDs are invalid UIs; pydicom 3 logged one warning per value written or read
+    (thousands in `make demo`)."""
+    import logging
+    import warnings
+
+    from dicom_preprocess.reader import read_dicom
+    from dicom_preprocess.synthetic import synthesize
+
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        archive = synthesize(str(tmp_path), patients=1, seed=0, slices_per_series=(2, 2), rows=32)
+        for s in archive.slices:
+            read_dicom(os.path.join(archive.images_dir, f"{s.image_id}.dcm"))
+    assert not [r for r in caplog.records if "VR UI" in r.getMessage()]
+    assert not [w for w in caught if "VR UI" in str(w.message)]
+
+
+def test_decoder_messages_name_their_file_instead_of_reaching_the_console(tmp_path):
+    """GDCM/OpenJPEG/libjpeg print to stderr without a file name; the job puts what they said in
+    the file's errors.csv reason (rejected) or manifest notes (cached)."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm", "CT_small.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            pytest.skip(f"{name} not bundled with this pydicom")
+        shutil.copyfile(path, src / name)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", str(src), "--out", str(out),
+                             "--size", "32", "--workers", "2", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for said in ("Unsupported JPEG data precision", "Invalid number of tiles"):
+        assert said not in result.stderr
+    cache = open_cache(str(out))
+    notes = dict(zip(cache.manifest["source"], cache.manifest["notes"]))
+    assert "decoder said: Unsupported JPEG data precision 12" in notes["JPEG-lossy.dcm"]
+    assert notes["CT_small.dcm"] == ""
+    reasons = dict(zip(cache.errors()["source"], cache.errors()["reason"]))
+    assert "decoder said: Invalid number of tiles" in reasons["JPEG2000-embedded-sequence-delimiter.dcm"]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -59,8 +60,16 @@ def embedded(cls_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reg")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     runs = [_finetune_run(cls_cache, tmp / f"run{i}", uri, seed=i, epochs=1 + i) for i in range(2)]
-    reg = register(runs[0]["run_id"], NAME, "candidate", uri)
-    return {"uri": uri, "runs": runs, "version": reg["version"], "tmp": tmp}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = register(runs[0]["run_id"], NAME, "candidate", uri)
+    return {"uri": uri, "runs": runs, "version": reg["version"], "tmp": tmp,
+            "warnings": [str(w.message) for w in caught]}
+
+
+def test_registration_is_quiet(embedded):
+    """MLflow warned "Add type hints to the `predict` method" twice per registration."""
+    assert not [w for w in embedded["warnings"] if "type hint" in w.lower()], embedded["warnings"]
 
 
 def test_registered_model_predicts_dicoms_like_evaluate(embedded, cls_cache, cls_archive, tmp_path):

@@ -109,7 +109,7 @@ def test_pretraining_goes_on_when_the_server_dies_and_catches_up_when_it_is_back
     (SIGSTOP) around each change so the test knows which side of it each step is on."""
     server = MlflowServer(tmp_path).start()
     run_dir = tmp_path / "run"
-    epochs, iters = 12, 4
+    epochs, iters = 6, 4
     data = pretrain_settings(tiny_cache, str(run_dir), "unused", epochs=epochs, keep_checkpoints=epochs)
     data["tracking"] = {"uri": server.uri, "experiment": "test-offline", "retry_s": 0.5}
     cfg = write_yaml(tmp_path / "c.yaml", data)
@@ -144,18 +144,16 @@ def test_pretraining_goes_on_when_the_server_dies_and_catches_up_when_it_is_back
     assert sorted(os.listdir(run_dir / "checkpoints")) == sorted(f"checkpoint_{e}.pt" for e in range(1, epochs + 1))
     assert checkpoints_while_down < epochs
     assert not (run_dir / "mlflow_spool.jsonl").exists()
-    server.start()
-    try:
-        client = _client(server.uri)
+    client = _client(f"sqlite:///{tmp_path / 'server.db'}")  # what the server stored, read without restarting it
+    if True:
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         losses = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert sorted(losses) == list(range(1, epochs * iters + 1))  # every iteration, none twice
         assert sorted(m.step for m in client.get_metric_history(run_id, "epoch_loss")) == list(range(1, epochs + 1))
-        assert [a.path for a in client.list_artifacts(run_id, "backbone")] == ["backbone/backbone.pt"]
+        assert os.path.isfile(tmp_path / "server-artifacts" / run.info.experiment_id / run_id / "artifacts" /
+                              "backbone" / "backbone.pt")
         assert len(client.search_runs([run.info.experiment_id])) == 1
-    finally:
-        server.stop()
 
 
 def test_tracking_uri_scope_restores_the_environment(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def test_backbone_loader_refuses_a_code_running_pickle(evil_file, tmp_path):
 
 
 def test_classifier_and_checkpoint_loaders_refuse_it(evil_file, tmp_path):
-    from medmoco.engines.pretrain import find_resume_checkpoint
+    from medmoco.engines.common import find_resume_checkpoint
     from medmoco.models import load_classifier
 
     with pytest.raises(ValueError, match="weights_only=True"):

@@ -1,1 +1,2 @@
-"""Ignite engines: MoCo pretraining (and, later, supervised fine-tuning)."""
+"""Ignite engines: MoCo pretraining, supervised fine-tuning and evaluation, the kNN monitor, and
+the parts they share (``common``)."""

@@ -4,7 +4,7 @@ Embed a small labeled subset (the labeled train and test slices, capped) with th
 eval mode; each slice scores each subtype by the similarity-weighted vote of its k nearest
 labeled slices *of other patients* (adjacent slices of one series are near-duplicates, so
 same-patient neighbours would flatter the monitor); cosine similarity, weights exp(s / 0.07) as
-in the InstDisc/MoCo monitors. Per-class ROC AUC (scikit-learn) of those scores and their mean;
+in the InstDisc/MoCo monitors. Per-class ROC AUC (:func:`medmoco.metrics.per_class_auc`) of those scores and their mean;
 chance is 0.5. Leave-patient-out keeps the monitor defined when a small test split has no
 positives of a class.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicom_preprocess import SUBTYPES
+from ..metrics import per_class_auc
 
 
 @torch.no_grad()
@@ -45,19 +45,6 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
     weights = (top / temperature).exp()
     votes = (weights[..., None] * bank_labels[idx]).sum(dim=1)
     return votes / weights.sum(dim=1, keepdim=True)
-
-
-def per_class_auc(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """ROC AUC per subtype (NaN where the class has one label value) and their NaN-mean."""
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    for j, name in enumerate(SUBTYPES):
-        y = labels[:, j]
-        out[name] = float(roc_auc_score(y, scores[:, j])) if 0 < y.sum() < len(y) else float("nan")
-    values = [v for v in out.values() if not np.isnan(v)]
-    out["mean"] = float(np.mean(values)) if values else float("nan")
-    return out
 
 
 def knn_monitor(backbone: torch.nn.Module, cache, device, samples: int = 2000, k: int = 20, seed: int = 0,

@@ -1,14 +1,16 @@
-"""Supervised fine-tuning and evaluation of the hemorrhage classifier (Ignite engines).
+"""Supervised fine-tuning and evaluation of the hemorrhage classifier (ignite engines).
 
-Same stack as pretraining: an ignite ``Engine`` for the step (bf16/fp16 AMP, channels_last,
-DDP through ``ignite.distributed``), MONAI transforms and ``DataLoader`` on the data side,
-ignite ``Checkpoint`` for resume. MONAI's ``SupervisedTrainer`` is not used for the same reason
-as in :mod:`.pretrain`: its AMP path is CUDA-only, and the ``linear`` mode must put the backbone
-in eval mode inside every step, which its ``_iteration`` does not allow without a subclass.
+The ignite examples' factories: :func:`get_dataflow`, :func:`initialize`,
+:func:`create_supervised_trainer` and :func:`create_evaluator`; ``pipelines/finetune.py`` puts them
+together. Same stack as pretraining: bf16/fp16 AMP, channels_last, DDP through
+``ignite.distributed``, MONAI transforms and ``DataLoader``, ignite ``Checkpoint`` for resume.
+MONAI's ``SupervisedTrainer`` is not used for the same reason as in :mod:`.pretrain`: its AMP path
+is CUDA-only, and the ``linear`` mode must put the backbone in eval mode inside every step, which
+its ``_iteration`` does not allow without a subclass.
 
 Evaluation runs over *every* image of a split: each rank predicts an interleaved share, padded to
-equal length, and the shares are all-gathered and de-duplicated by cache row, so metrics under
-DDP equal single-process metrics (no DistributedSampler padding leaks into the AUC).
+equal length, and the shares are all-gathered and put back in row order, so metrics under DDP
+equal single-process metrics (no DistributedSampler padding leaks into the AUC).
 """
 from __future__ import annotations
 
@@ -19,86 +21,34 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from torch.utils.data import Dataset
 
 from ..config import FinetuneConfig
 from ..data.datasets import CacheSliceDataset, EpochSampler, LabeledDataset
-from .pretrain import _attach_epoch_stats, amp_context, device_for
+from ..models import build_classifier
+from ..transforms.supervised import prepare_images, supervised_transform
+from .common import EpochStatistics, autocast, build_optimizer_and_scheduler, device_for, grad_scaler
 
 log = logging.getLogger(__name__)
 
 
-def supervised_transform(config: FinetuneConfig, size: int, native: int):
-    """MONAI Compose: uint8 (C, H, W) -> float [0, 1] (C, size, size) with light augmentation."""
-    from monai.transforms import (Compose, EnsureTyped, RandAffined, RandFlipd, RandShiftIntensityd, Resized,
-                                  ScaleIntensityRanged)
-
-    aug = config.augment
-    steps = [EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-             ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0)]
-    if size != native:
-        steps.append(Resized(keys="image", spatial_size=(size, size), mode="area"))
-    steps += [
-        RandFlipd(keys="image", prob=aug.flip_prob, spatial_axis=1),
-        RandAffined(keys="image", prob=aug.prob, rotate_range=(math.radians(aug.rotate_deg),),
-                    scale_range=(aug.scale, aug.scale), padding_mode="zeros", mode="bilinear"),
-        RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob),
-    ]
-    return Compose(steps)
+def input_settings(config: FinetuneConfig, payload: dict | None, cache) -> tuple[str, int, int, int]:
+    """(arch, context, image size, input channels) of the classifier: the config's, else the
+    pretrained file's, else the defaults (resnet50, no context, the cache's size)."""
+    meta = (payload or {}).get("meta", {})
+    arch = config.arch or (payload or {}).get("arch", "resnet50")
+    context = config.context if config.context >= 0 else int(meta.get("context", 0))
+    size = config.image_size or int(meta.get("image_size", 0)) or cache.shape[-1]
+    return arch, context, size, len(cache.metadata["windows"]) * (2 * context + 1)
 
 
-def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation input: uint8 (N, C, H, W) -> float [0, 1] at ``size`` (area resize when shrinking).
-    The one function every inference path uses (evaluate, predict, the MLflow model)."""
-    x = images.float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear",
-                          align_corners=None if x.shape[-1] > size else False)
-    return x
-
-
-def train_indices(cache, config: FinetuneConfig, extra: "pd.DataFrame | None" = None):  # noqa: F821
-    """(rows, labels) used for training: the label fraction of the labeled train split (stratified
-    on ``any``, seeded by ``subset_seed``) plus the slices of ``extra`` (labels from that CSV).
-
-    Returns:
-        rows (int64), labels float32 (N, 6), number of extra slices added, extra ids not in the cache.
-    """
-    from dicom_preprocess.splits import label_subset
-
-    rows = cache.indices(config.train_split, labeled=True)
-    if len(rows) == 0:
-        raise ValueError(f"cache {cache.root}: split {config.train_split!r} has no labeled images")
-    any_col = cache.manifest["any"].iloc[rows].reset_index(drop=True)
-    keep = label_subset(any_col, config.label_fraction, config.subset_seed)
-    rows = rows[keep]
-    labels = cache.labels(rows)
-    added, missing = 0, []
-    if extra is not None and len(extra):
-        position = {img: i for i, img in enumerate(cache.manifest["image_id"].to_numpy())}
-        eval_rows = set(cache.indices(config.eval_split).tolist()) if config.eval_split else set()
-        have = set(rows.tolist())
-        new_rows, new_labels = [], []
-        for image_id, values in zip(extra.index, extra.to_numpy(np.float32)):
-            row = position.get(image_id)
-            if row is None:
-                missing.append(image_id)
-            elif row not in have and row not in eval_rows:  # never train on the evaluation split
-                new_rows.append(row)
-                new_labels.append(values)
-                have.add(row)
-        if new_rows:
-            rows = np.concatenate([rows, np.array(new_rows, dtype=np.int64)])
-            labels = np.concatenate([labels, np.stack(new_labels)])
-            added = len(new_rows)
-    return rows, labels, added, missing
-
-
-def get_train_loader(config: FinetuneConfig, cache, rows: np.ndarray, labels: np.ndarray, size: int):
+def get_dataflow(config: FinetuneConfig, cache, rows: np.ndarray, labels: np.ndarray, context: int, size: int):
+    """The training loader over ``rows`` (per-sample MONAI augmentation; ``batch_size`` per process)."""
     from monai.data import DataLoader
 
-    base = CacheSliceDataset(cache, rows, context=config.context)
-    dataset = LabeledDataset(base, supervised_transform(config, size, cache.shape[-1]), seed=config.seed,
+    base = CacheSliceDataset(cache, rows, context=context)
+    dataset = LabeledDataset(base, supervised_transform(config.augment, size, cache.shape[-1]), seed=config.seed,
                              labels=labels)
     world, rank = idist.get_world_size(), idist.get_rank()
     limit = config.max_iters_per_epoch * config.batch_size if config.max_iters_per_epoch else 0
@@ -107,6 +57,21 @@ def get_train_loader(config: FinetuneConfig, cache, rows: np.ndarray, labels: np
     on_cuda = device_for(config).type == "cuda"
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                       pin_memory=config.pin_memory and on_cuda, persistent_workers=config.workers > 0)
+
+
+def initialize(config: FinetuneConfig, arch: str, in_channels: int, payload: dict | None):
+    """Classifier for the mode (DDP-wrapped when world size > 1), optimizer, per-epoch lr schedule,
+    GradScaler and the effective lr."""
+    device = device_for(config)
+    model = build_classifier(arch, in_channels, config.mode, payload).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler, lr = build_optimizer_and_scheduler(config.optim, params, config.epochs,
+                                                             config.batch_size * idist.get_world_size())
+    if idist.get_world_size() > 1:
+        model = idist.auto_model(model, sync_bn=False, find_unused_parameters=False)
+    return model, optimizer, scheduler, grad_scaler(config.amp, device), lr
 
 
 def make_criterion(config: FinetuneConfig, device) -> "callable":
@@ -133,7 +98,7 @@ def create_supervised_trainer(model, optimizer, scaler, config: FinetuneConfig) 
             inner.backbone.eval()  # MoCo-Freeze: BatchNorm statistics must not move
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         y = batch["label"].to(device, non_blocking=True).float()
-        with amp_context(config, device):
+        with autocast(config.amp, device):
             logits = model(x)
         loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -144,51 +109,62 @@ def create_supervised_trainer(model, optimizer, scaler, config: FinetuneConfig) 
         return {"loss": loss.item(), "acc": acc.item(), "images": x.shape[0]}
 
     trainer = Engine(step)
-    _attach_epoch_stats(trainer)
+    EpochStatistics(optimizer).attach(trainer)
     return trainer
 
 
-@torch.no_grad()
-def predict_rows(model, cache, rows: np.ndarray, context: int, size: int, device, batch_size: int = 64,
-                 amp: str = "none") -> np.ndarray:
-    """Sigmoid probabilities (len(rows), 6) of cache rows, computed over all ranks and gathered.
+class BestEpoch:
+    """After every epoch, score the evaluation split and keep the best epoch's model.
 
-    Every rank must call it (it all-gathers). Rank r predicts rows[r::world] padded to equal length.
+    Args:
+        evaluate: () -> metrics of the split (every rank calls it; it may gather).
+        save: (epoch, metrics) -> None, called on rank 0 when the epoch is the best so far.
+        prefix: names of the logged figures (``<prefix>_auc_mean``, ...).
+
+    The score is the mean AUC, else (no class with both labels) minus the weighted log loss. The
+    split's figures go into ``engine.state.epoch_metrics``; the best score and epoch are
+    checkpointed (``state_dict``), so a resumed run keeps choosing correctly.
     """
-    world, rank = idist.get_world_size(), idist.get_rank()
-    n = len(rows)
-    per_rank = int(math.ceil(n / world)) if n else 0
-    mine = np.arange(rank, n, world)
-    pad = per_rank - len(mine)
-    positions = np.concatenate([mine, np.full(pad, -1, dtype=np.int64)]) if pad else mine
-    inner = getattr(model, "module", model)
-    was_training = inner.training
-    inner.eval()
-    out = []
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-                if amp == "bf16" else torch.autocast(device_type="cuda", dtype=torch.float16) if amp == "fp16"
-                else None)
-    for start in range(0, len(positions), batch_size):
-        chunk = positions[start : start + batch_size]
-        take = np.where(chunk >= 0, chunk, mine[0] if len(mine) else 0)
-        images = torch.from_numpy(np.stack([np.asarray(cache.stack(int(rows[p]), context)) for p in take]))
-        x = prepare_images(images, size).to(device)
-        if autocast is not None:
-            with autocast:
-                logits = inner(x)
-        else:
-            logits = inner(x)
-        out.append(torch.sigmoid(logits.float()).cpu())
-    inner.train(was_training)
-    probs = torch.cat(out) if out else torch.zeros(0, 6)
-    if world == 1:
-        return probs.numpy()
-    tagged = torch.cat([torch.as_tensor(positions, dtype=torch.float32)[:, None], probs], dim=1)
-    gathered = idist.all_gather(tagged.to(idist.device())).cpu().numpy()
-    gathered = gathered[gathered[:, 0] >= 0]
-    result = np.zeros((n, probs.shape[1]), dtype=np.float32)
-    result[gathered[:, 0].astype(np.int64)] = gathered[:, 1:]
-    return result
+
+    def __init__(self, evaluate, save, prefix: str):
+        self.evaluate, self.save, self.prefix = evaluate, save, prefix
+        self.score, self.epoch = float("-inf"), 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = self.evaluate()
+        engine.state.epoch_metrics.update({f"{self.prefix}_{k}": v for k, v in metrics.items() if k != "n_images"})
+        score = metrics["auc_mean"] if not np.isnan(metrics["auc_mean"]) else -metrics["weighted_logloss"]
+        if score > self.score:
+            self.score, self.epoch = score, engine.state.epoch
+            if idist.get_rank() == 0:
+                self.save(engine.state.epoch, metrics)
+
+    def state_dict(self) -> dict:
+        return {"auc": self.score, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.score, self.epoch = float(state["auc"]), int(state["epoch"])
+
+
+class FrozenBackbone:
+    """MoCo-Freeze guard: after every epoch, no backbone weight or BatchNorm statistic may have
+    changed (the reference linear probe asserts the same after its first epoch)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.before = backbone_fingerprint(model)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        moved = changed_keys(self.before, self.model)
+        if moved:
+            raise RuntimeError(f"linear mode: backbone changed after epoch {engine.state.epoch} ({moved[:3]}); "
+                               "it must be frozen")
 
 
 def backbone_fingerprint(model) -> dict[str, torch.Tensor]:
@@ -200,3 +176,91 @@ def backbone_fingerprint(model) -> dict[str, torch.Tensor]:
 def changed_keys(before: dict[str, torch.Tensor], model) -> list[str]:
     now = backbone_fingerprint(model)
     return [k for k in before if not torch.equal(before[k], now[k])]
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+class _RowsOfRank(Dataset):
+    """Position p of ``rows`` -> ``{"image": uint8 (C, H, W), "position": p}``; p = -1 pads a rank's
+    share to the common length (it loads row 0 and is dropped when the shares are gathered)."""
+
+    def __init__(self, cache, rows: np.ndarray, context: int):
+        self.cache, self.rows, self.context = cache, np.asarray(rows, dtype=np.int64), context
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict:
+        row = self.rows[position] if position >= 0 else self.rows[0]
+        return {"image": torch.from_numpy(np.array(self.cache.stack(int(row), self.context))), "position": position}
+
+
+def _positions_of_rank(n: int) -> list[int]:
+    """This rank's interleaved share of ``range(n)``, padded with -1 to ``ceil(n / world)``."""
+    world, rank = idist.get_world_size(), idist.get_rank()
+    mine = list(range(rank, n, world))
+    return mine + [-1] * ((int(math.ceil(n / world)) if n else 0) - len(mine))
+
+
+def create_evaluator(model, size: int, device, amp: str = "none") -> Engine:
+    """An ignite Engine that predicts sigmoid probabilities of a classifier.
+
+    Run it on :func:`eval_loader`'s batches; at completion ``engine.state.probs`` holds the
+    probabilities (N, 6) of every row, gathered from all ranks, in row order (every rank must run
+    it: the gather is a collective). The model is in eval mode while it runs.
+    """
+    inner = getattr(model, "module", model)
+
+    def step(engine: Engine, batch: dict) -> dict:
+        x = prepare_images(batch["image"], size).to(device)
+        with torch.no_grad(), autocast(amp, device):
+            logits = inner(x)
+        return {"position": torch.as_tensor(batch["position"]), "probs": torch.sigmoid(logits.float()).cpu()}
+
+    evaluator = Engine(step)
+
+    @evaluator.on(Events.STARTED)
+    def _start(engine):
+        engine.state.was_training = inner.training
+        engine.state.parts = []
+        inner.eval()
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        out = engine.state.output
+        engine.state.parts.append(torch.cat([out["position"].float()[:, None], out["probs"]], dim=1))
+
+    @evaluator.on(Events.COMPLETED)
+    def _gather(engine):
+        inner.train(engine.state.was_training)
+        tagged = torch.cat(engine.state.parts) if engine.state.parts else torch.zeros(0, 7)
+        if idist.get_world_size() > 1:
+            tagged = idist.all_gather(tagged.to(idist.device())).cpu()
+        tagged = tagged[tagged[:, 0] >= 0].numpy()
+        probs = np.zeros((len(tagged), tagged.shape[1] - 1), dtype=np.float32)
+        probs[tagged[:, 0].astype(np.int64)] = tagged[:, 1:]
+        engine.state.probs = probs
+
+    return evaluator
+
+
+def eval_loader(cache, rows: np.ndarray, context: int, batch_size: int = 64, workers: int = 0):
+    """Batches of this rank's share of ``rows`` (see :func:`create_evaluator`)."""
+    from monai.data import DataLoader
+
+    # Its own generator: a loader draws a seed at every iteration, and evaluation must leave the
+    # training's random streams (checkpointed for resume) as they were.
+    return DataLoader(_RowsOfRank(cache, rows, context), batch_size=batch_size,
+                      sampler=_positions_of_rank(len(rows)), num_workers=workers, generator=torch.Generator())
+
+
+def predict_rows(model, cache, rows: np.ndarray, context: int, size: int, device, batch_size: int = 64,
+                 amp: str = "none") -> np.ndarray:
+    """Sigmoid probabilities (len(rows), 6) of cache rows, computed over all ranks and gathered.
+
+    Every rank must call it (it all-gathers).
+    """
+    if len(rows) == 0:
+        return np.zeros((0, 6), dtype=np.float32)
+    evaluator = create_evaluator(model, size, device, amp)
+    return evaluator.run(eval_loader(cache, rows, context, batch_size)).probs

@@ -8,7 +8,6 @@ SE-ResNeXt50 is available as ``seresnext50_32x4d`` (3rd place RSNA 2019 used it)
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -78,8 +77,3 @@ def create_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
 
 def feature_size(name: str) -> int:
     return BACKBONES[name][1]
-
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -16,6 +16,8 @@ import os
 import torch
 from torch import nn
 
+from dicom_preprocess.files import atomic_file
+
 from .backbones import create_backbone, feature_size
 from .export import load_backbone_state, read_weights
 
@@ -66,8 +68,8 @@ def save_classifier(model: nn.Module, path: str, arch: str, in_channels: int, co
                "meta": dict(meta or {}),
                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_file(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

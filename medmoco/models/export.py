@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dicom_preprocess.files import atomic_file
+
 FORMAT = "medmoco-backbone/1"
 PREFIXES = ("module.", "_orig_mod.", "model.", "encoder_q.", "backbone.")
 
@@ -29,9 +31,8 @@ def export_backbone(moco: nn.Module, path: str, arch: str, in_channels: int, fea
     payload = {"format": FORMAT, "arch": arch, "in_channels": int(in_channels), "feature_size": int(feature_size),
                "state_dict": state, "meta": dict(meta or {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

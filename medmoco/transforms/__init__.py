@@ -1,4 +1,7 @@
-"""Contrastive views: MONAI per-sample transforms (CPU workers) and a batched device path."""
+"""Transforms: contrastive views (MONAI per-sample and a batched device path) and the classifier's
+inputs (supervised augmentation, evaluation preparation)."""
+from .supervised import prepare_images, supervised_transform
 from .views import AugmentConfig, BatchViewAugment, TwoViews, monai_view_transform
 
-__all__ = ["AugmentConfig", "BatchViewAugment", "TwoViews", "monai_view_transform"]
+__all__ = ["AugmentConfig", "BatchViewAugment", "TwoViews", "monai_view_transform", "prepare_images",
+           "supervised_transform"]

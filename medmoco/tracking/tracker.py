@@ -1,13 +1,8 @@
-"""MLflow tracking in one place; imported lazily so the library works without MLflow.
+"""The MLflow run of a job: one tracker per job on rank 0, resilient to a store that goes away.
 
 Only rank 0 tracks (every rank logging gives duplicate runs). Runs are addressed by id through
 ``MlflowClient`` rather than ``mlflow.start_run`` so that a resumed job reattaches to its own run
 (``run_dir/mlflow_run_id``) and never to some other unfinished run (MONAI#6415).
-
-Where MLflow lives: ``--tracking-uri`` / ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else
-the embedded default ``sqlite:///mlflow.db`` in the working directory, with artifacts in
-``./mlartifacts`` beside it (MLflow 3 refuses the plain file store unless
-``MLFLOW_ALLOW_FILE_STORE=true``; the registry needs a database store).
 
 A tracking server that goes away must not stop a multi-day job. When a call cannot reach the
 store, the tracker warns once, appends the call to ``run_dir/mlflow_spool.jsonl`` and goes on;
@@ -19,85 +14,19 @@ is written then.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
+
+from dicom_preprocess.files import atomic_write_text
+
+from .spool import Spool
+from .store import HTTP_DEFAULTS, artifact_root, is_unreachable, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_ID_FILE = "mlflow_run_id"
-SPOOL_FILE = "mlflow_spool.jsonl"
-SPOOL_DONE_FILE = "mlflow_spool.done"
-SPOOL_ARTIFACTS = "mlflow_spool_artifacts"
-# MLflow's REST client retries 7 times with exponential backoff and a 120 s timeout by default:
-# minutes of a stalled training step per call while a server is down. The tracker asks for
-# less unless the user set these variables (they are read by MLflow at every request).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-
-
-def resolve_tracking_uri(uri: str = "") -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])  # pin to the working directory
-    return uri
-
-
-@contextmanager
-def tracking_uri_scope(uri: str) -> Iterator[str]:
-    """Point MLflow's fluent API (``mlflow.start_run``, ``register_model``) at ``uri`` for a block.
-
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (MLflow
-    does so that subprocesses inherit it), so a stage that set it and returned would redirect
-    every later command of the same process and its children. This restores both.
-    """
-    import mlflow
-
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    before_tracking, before_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    resolved = resolve_tracking_uri(uri)
-    mlflow.set_tracking_uri(resolved)
-    mlflow.set_registry_uri(resolved)
-    try:
-        yield resolved
-    finally:
-        mlflow.set_tracking_uri(before_tracking)
-        mlflow.set_registry_uri(before_registry)
-        if before_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before_env
-
-
-def _artifact_root(uri: str, experiment: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        base = os.path.dirname(uri[len("sqlite:///"):])
-        return "file://" + os.path.join(base, "mlartifacts", experiment)
-    return None  # a server decides
-
-
-def is_unreachable(err: BaseException) -> bool:
-    """True when ``err`` says the store could not be reached (as opposed to refusing the call)."""
-    try:
-        import requests
-
-        if isinstance(err, requests.exceptions.RequestException):
-            return True
-    except ImportError:  # pragma: no cover - requests comes with mlflow
-        pass
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    text = str(err)
-    if type(err).__name__ == "MlflowException":
-        # the REST store wraps connection errors, timeouts and exhausted retries this way
-        return ("API request to" in text and "failed with exception" in text) or "TEMPORARILY_UNAVAILABLE" in text \
-            or "status code 50" in text
-    return type(err).__name__ == "OperationalError"  # sqlalchemy: database locked or gone
 
 
 class NullTracker:
@@ -112,75 +41,6 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
     def metric_history(self, keys) -> dict: return {}
-
-
-class Spool:
-    """Tracking calls that could not be sent, in order, as JSON lines in a run directory.
-
-    ``mlflow_spool.done`` holds how many lines were already sent, written after each one, so a
-    replay killed half-way resumes after the last call that reached the store.
-    """
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.path = os.path.join(run_dir, SPOOL_FILE)
-        self.done_path = os.path.join(run_dir, SPOOL_DONE_FILE)
-
-    def append(self, op: dict) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
-        if op["op"] == "log_artifact":  # keep a copy: the original may be a temporary file
-            keep = os.path.join(self.run_dir, SPOOL_ARTIFACTS, f"{self.count():06d}")
-            os.makedirs(keep, exist_ok=True)
-            target = os.path.join(keep, os.path.basename(op["path"].rstrip("/")))
-            (shutil.copytree if os.path.isdir(op["path"]) else shutil.copyfile)(op["path"], target)
-            op = {**op, "path": target}
-        with open(self.path, "a+b") as handle:
-            handle.seek(0, os.SEEK_END)
-            if handle.tell():
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":  # a line torn by a kill: end it, it is skipped on reading
-                    handle.write(b"\n")
-            handle.write((json.dumps(op) + "\n").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def ops(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as handle:
-            lines = handle.read().splitlines()
-        ops = []
-        for line in lines:
-            try:
-                ops.append(json.loads(line))
-            except json.JSONDecodeError:  # torn by a kill: the call it held was never acknowledged
-                continue
-        return ops
-
-    def done(self) -> int:
-        try:
-            with open(self.done_path) as handle:
-                return int(handle.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def mark_done(self, count: int) -> None:
-        tmp = self.done_path + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.write(str(count))
-        os.replace(tmp, self.done_path)
-
-    def count(self) -> int:
-        return len(self.ops())
-
-    def pending(self) -> list[dict]:
-        return self.ops()[self.done():]
-
-    def clear(self) -> None:
-        for path in (self.path, self.done_path):
-            if os.path.exists(path):
-                os.remove(path)
-        shutil.rmtree(os.path.join(self.run_dir, SPOOL_ARTIFACTS), ignore_errors=True)
 
 
 class MlflowTracker(NullTracker):
@@ -344,22 +204,19 @@ class MlflowTracker(NullTracker):
         if kind == "create_run":
             exp = self.client.get_experiment_by_name(op["experiment"])
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                op["experiment"], artifact_location=_artifact_root(self.uri, op["experiment"]))
+                op["experiment"], artifact_location=artifact_root(self.uri, op["experiment"]))
             run = self.client.create_run(exp_id, run_name=op["run_name"] or None, tags=op["tags"])
             self.run_id = self._created = run.info.run_id
             if self.run_dir:
-                from dicom_preprocess.cache import atomic_write_bytes
-
                 os.makedirs(self.run_dir, exist_ok=True)
-                atomic_write_bytes(os.path.join(self.run_dir, RUN_ID_FILE), self.run_id.encode())
+                atomic_write_text(os.path.join(self.run_dir, RUN_ID_FILE), self.run_id)
         elif kind == "update_run":
             self.client.update_run(run_id, status=op["status"])
         elif kind == "log_params":
             # A resumed run logs its params again; MLflow refuses a changed value, so keep the first.
+            # (log_batch splits into batches of MLflow's per-request limits itself.)
             existing = self.client.get_run(run_id).data.params
-            items = [Param(k, v) for k, v in op["params"].items() if k not in existing]
-            for start in range(0, len(items), 100):
-                self.client.log_batch(run_id, params=items[start : start + 100])
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in op["params"].items() if k not in existing])
         elif kind == "log_metrics":
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
             self.client.log_batch(run_id, metrics=metrics)
@@ -371,24 +228,6 @@ class MlflowTracker(NullTracker):
             self.client.set_terminated(run_id, status=op["status"])
         else:
             raise ValueError(f"unknown spooled tracking call {kind!r}")
-
-
-def replay_spool(run_dir: str, uri: str = "") -> dict:
-    """Send what a run left in ``run_dir/mlflow_spool.jsonl`` (``medmoco tracking-replay``).
-
-    Raises:
-        FileNotFoundError: when ``run_dir`` holds no spool.
-        ConnectionError: when the store is still unreachable (nothing is lost; run it again).
-    """
-    spool = Spool(run_dir)
-    pending = spool.pending()
-    if not pending:
-        raise FileNotFoundError(f"{run_dir}: no spooled MLflow calls ({SPOOL_FILE} missing or all sent)")
-    tracker = MlflowTracker(uri or pending[0].get("uri", ""), "", run_dir=run_dir, start=False)
-    if not tracker._flush():
-        raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable; {len(spool.pending())} calls kept "
-                              f"in {spool.path}")
-    return {"sent": len(pending), "run_id": tracker.run_id, "uri": tracker.uri}
 
 
 def create_tracker(enabled: bool, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,

@@ -1,4 +1,5 @@
-"""Hostile inputs for fault tests: broken and lying DICOM files, and dangerous archives.
+"""Hostile inputs for the fault tests and benchmarks/faults.py (test support, not product):
+broken and lying DICOM files, and dangerous archives.
 
 A 750k-file job from several hospitals meets every kind of damage. :func:`fuzz_corpus` derives
 such files from valid slices, each with what the job must do with it:

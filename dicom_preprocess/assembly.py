@@ -17,23 +17,24 @@ import pandas as pd
 
 from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
-from .files import atomic_copy, atomic_write_json
+from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
-from .splits import label_subset, patient_splits
+from .splits import assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
 
 
 # Settings that change the pixels or the chunking: a rerun must match them to resume.
-PIXEL_SETTINGS = ("size", "windows", "window_mode", "files_per_shard", "hash_ids", "hash_salt")
+PIXEL_SETTINGS = ("size", "windows", "window_mode", "files_per_shard", "hash_ids", "hash_salt", "modalities")
 
 
-def job_record(config: PreprocessConfig, files: int, fingerprint: str) -> dict:
+def job_record(config: PreprocessConfig, files: int, fingerprint: str, unlisted: dict | None = None) -> dict:
     return {
         "settings": {k: getattr(config, k) for k in PIXEL_SETTINGS},
         "config": asdict(config),
         "input_fingerprint": fingerprint,
         "files": files,
         "chunks": (files + config.files_per_shard - 1) // config.files_per_shard,
+        "unlisted": {"files": int(sum((unlisted or {}).values())), "by_suffix": dict(sorted((unlisted or {}).items()))},
     }
 
 
@@ -42,8 +43,10 @@ def check_or_write_job(parts: str, record: dict) -> None:
     path = os.path.join(parts, cache_io.JOB_FILE)
     if os.path.exists(path):
         old = cache_io.read_job_record(parts)
+        # A setting that an older job record lacks (added since) does not block resuming it.
+        new = {**record, "settings": {k: v for k, v in record["settings"].items() if k in old["settings"]}}
         for key in ("settings", "input_fingerprint"):
-            if json.dumps(old[key], sort_keys=True) != json.dumps(record[key], sort_keys=True):
+            if json.dumps(old[key], sort_keys=True) != json.dumps(new[key], sort_keys=True):
                 raise ConfigError(
                     f"{parts}: holds chunks of another job ({key} differ: {old[key]} vs {record[key]}); "
                     "use a new --out or delete it"
@@ -104,58 +107,122 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
         errors.append({"source": rec.source, "reason": f"duplicate image id {rec.image_id}; first copy kept"})
     manifest = manifest[~duplicated].reset_index(drop=True)
     manifest["z"] = manifest["z"].astype(float)
-    label_summary = "no labels given"
-    unknown_labeled = 0
+    label_summary, unmatched = "no labels given", None
     for name in SUBTYPES:
         manifest[name] = np.uint8(0)
     manifest["labeled"] = False
     if labels:
         table, report = read_rsna_labels(labels)
-        known = manifest["image_id"].isin(table.index)
-        manifest.loc[known, list(SUBTYPES)] = table.loc[manifest.loc[known, "image_id"], list(SUBTYPES)].to_numpy()
-        manifest["labeled"] = known.to_numpy()
-        unknown_labeled = int((~table.index.isin(manifest["image_id"])).sum())
-        label_summary = report.summary() + f"; {int(known.sum())} cached images labeled, " \
-            f"{unknown_labeled} labeled ids not in the cache"
+        manifest, matched = attach_labels(manifest, table)
+        label_summary = report.summary() + f"; {int(manifest['labeled'].sum())} cached images labeled " \
+            f"({matched['sop']} by SOPInstanceUID, {matched['stem']} by file name), " \
+            f"{len(table) - matched['sop'] - matched['stem']} labeled ids not in the cache"
+        if len(table) and not manifest["labeled"].any():
+            unmatched = (str(table.index[0]), manifest["image_id"].iloc[0] if len(manifest) else "",
+                         _stem(manifest["source"].iloc[0]) if len(manifest) else "")
     for name in SUBTYPES:
         manifest[name] = manifest[name].astype(np.uint8)
-    manifest = cache_io.series_order(manifest)
-    group = manifest["patient_id"].where(manifest["patient_id"] != "", manifest["study_uid"])
-    manifest["split"] = patient_splits(group, config.split_fractions, config.seed) if len(manifest) else []
-    manifest["in_label_subset"] = False
-    pool = np.flatnonzero((manifest["split"] == "train").to_numpy() & manifest["labeled"].to_numpy())
-    if len(pool):
-        chosen = label_subset(manifest["any"].iloc[pool], config.label_fraction, config.seed)
-        manifest.loc[pool[chosen], "in_label_subset"] = True
-    manifest.to_parquet(os.path.join(out, cache_io.MANIFEST), index=False)
     # Every field quoted: member names of an archive may hold commas, quotes or a carriage return.
-    pd.DataFrame(errors, columns=["source", "reason"]).sort_values("source", kind="mergesort").to_csv(
-        os.path.join(out, cache_io.ERRORS), index=False, quoting=csv.QUOTE_ALL
-    )
+    with atomic_file(os.path.join(out, cache_io.ERRORS), "w") as handle:
+        pd.DataFrame(errors, columns=["source", "reason"]).sort_values("source", kind="mergesort").to_csv(
+            handle, index=False, quoting=csv.QUOTE_ALL)
+    if manifest.empty:
+        examples = "; ".join(f"{e['source']}: {e['reason'][:120]}" for e in errors[:3])
+        raise NothingCached(f"{out}: none of the {len(errors)} inputs is a usable image, so there is no cache; every "
+                            f"reason is in {os.path.join(out, cache_io.ERRORS)} (e.g. {examples})")
+    manifest = cache_io.series_order(manifest)
+    manifest = assign_splits(manifest, config.split_fractions, config.seed, config.label_fraction)
+    with atomic_file(os.path.join(out, cache_io.MANIFEST)) as handle:
+        manifest.to_parquet(handle, index=False)
     windows = [asdict(w) for w in parse_windows(config.windows)]
-    settings = {"windows": windows, "window_mode": config.window_mode, "size": config.size}
-    fingerprint = hashlib.sha256(
-        json.dumps({**settings, "input": record["input_fingerprint"], "labels": label_summary,
-                    "splits": config.split_fractions, "seed": config.seed}, sort_keys=True).encode()
-    ).hexdigest()[:16]
     metadata = {
         "format": cache_io.CACHE_FORMAT,
-        **settings,
+        "windows": windows, "window_mode": config.window_mode, "size": config.size,
         "channels": [w["name"] for w in windows],
         "pad_value_hu": -1024.0,
         "resize": "area when shrinking, bilinear when enlarging; none at native size",
         "input_fingerprint": record["input_fingerprint"],
-        "cache_fingerprint": fingerprint,
-        "split_fractions": config.split_fractions,
         "label_fraction": config.label_fraction,
-        "seed": config.seed,
         "hash_ids": config.hash_ids,
         "images": int(len(manifest)),
         "skipped": int(len(errors)),
-        "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
         "labels": label_summary,
+        "unlisted_inputs": record.get("unlisted", {}),
+        "modalities": list(config.modalities),
         "versions": _versions(),
     }
+    _record_splits(metadata, manifest, config.split_fractions, config.seed)
+    atomic_write_json(os.path.join(out, cache_io.METADATA), metadata)
+    if unmatched is not None:
+        raise LabelsUnmatched(
+            f"labels {labels}: none of its {len(table)} image ids matches a cached image, by SOPInstanceUID or by file "
+            f"name (a label id: {unmatched[0]!r}; an image: SOPInstanceUID {unmatched[1]!r}, file {unmatched[2]!r}). "
+            "The cache is written without labels; give the labels of these images and rerun the same command "
+            "(nothing is decoded again)")
+    return metadata
+
+
+class NothingCached(RuntimeError):
+    """Every input was rejected: errors.csv is written, there is no cache."""
+
+
+class LabelsUnmatched(RuntimeError):
+    """A labels file was given and none of its ids matches an image."""
+
+
+def _stem(source: str) -> str:
+    name = os.path.basename(source)
+    return name[:-4] if name.lower().endswith(".dcm") else name
+
+
+def attach_labels(manifest: pd.DataFrame, table: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Labels of ``table`` (indexed by image id) on ``manifest`` rows: by SOPInstanceUID (the
+    manifest's ``image_id``; in RSNA the two coincide), else by the file name's stem (outside
+    RSNA, label files are often keyed by file names). Returns the frame and how many matched how."""
+    manifest = manifest.copy()
+    by_sop = manifest["image_id"].isin(table.index).to_numpy()
+    stems = manifest["source"].map(_stem)
+    used = set(manifest.loc[by_sop, "image_id"])
+    by_stem = ~by_sop & stems.isin(table.index).to_numpy() & ~stems.isin(used).to_numpy()
+    keys = np.where(by_sop, manifest["image_id"], np.where(by_stem, stems, ""))
+    found = by_sop | by_stem
+    manifest.loc[found, list(SUBTYPES)] = table.loc[keys[found], list(SUBTYPES)].to_numpy()
+    manifest["labeled"] = found
+    return manifest, {"sop": int(by_sop.sum()), "stem": int(by_stem.sum())}
+
+
+def _record_splits(metadata: dict, manifest: pd.DataFrame, fractions: dict, seed: int) -> None:
+    """The split settings, counts and fingerprints in ``metadata``, and the cache fingerprint
+    (preprocessing, input, labels and splits: it changes when any of them does)."""
+    metadata.update({"split_fractions": dict(fractions), "seed": int(seed),
+                     "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
+                     "split_fingerprints": split_fingerprints(manifest, SUBTYPES)})
+    identity = {"windows": metadata["windows"], "window_mode": metadata["window_mode"], "size": metadata["size"],
+                "input": metadata["input_fingerprint"], "labels": metadata["labels"], "splits": metadata["split_fractions"],
+                "seed": metadata["seed"]}
+    metadata["cache_fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resplit_cache(out: str, fractions: dict, seed: int) -> dict:
+    """New patient-grouped splits for a finished cache, without decoding anything again.
+
+    The manifest's ``split`` and ``in_label_subset`` columns are rewritten (atomically, then
+    ``metadata.json``, which records the fractions and seed); a cache written before the ``val``
+    split existed gets one this way. Rerunning the same command gives the same cache.
+
+    Raises:
+        FileNotFoundError: when ``out`` is not a finished cache.
+        ValueError: for bad fractions.
+    """
+    fractions = check_fractions(fractions)
+    cache = cache_io.open_cache(out)
+    metadata = dict(cache.metadata)
+    previous = {"split_fractions": metadata.get("split_fractions"), "seed": metadata.get("seed")}
+    manifest = assign_splits(cache.manifest, fractions, seed, float(metadata.get("label_fraction", 0.2)))
+    with atomic_file(os.path.join(out, cache_io.MANIFEST)) as handle:
+        manifest.to_parquet(handle, index=False)
+    metadata["split_history"] = list(metadata.get("split_history", [])) + [previous]
+    _record_splits(metadata, manifest, fractions, seed)
     atomic_write_json(os.path.join(out, cache_io.METADATA), metadata)
     return metadata
 

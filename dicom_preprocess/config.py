@@ -180,7 +180,8 @@ class PreprocessConfig:
     window_mode: str = "linear"
     workers: int = 0  # 0 = all cores
     files_per_shard: int = 1024
-    split_fractions: dict = field(default_factory=lambda: {"unsupervised": 0.75, "train": 0.20, "test": 0.05})
+    split_fractions: dict = field(default_factory=lambda: {"unsupervised": 0.75, "train": 0.15, "val": 0.05,
+                                                           "test": 0.05})
     label_fraction: float = 0.2
     seed: int = 0
     shard: str = ""  # "i/n": this job handles every n-th chunk starting at i (SLURM arrays)
@@ -190,6 +191,9 @@ class PreprocessConfig:
     watchdog_grace_s: float = 10.0
     hash_ids: bool = False
     hash_salt: str = ""
+    # DICOM Modality values read (others go to errors.csv); [] reads every modality. CT windows on
+    # MR, CR, NM or OT pixels are meaningless. A missing Modality is accepted with a note.
+    modalities: list = field(default_factory=lambda: ["CT"])
 
     def __post_init__(self) -> None:
         from .windowing import WINDOW_MODES, parse_windows
@@ -208,11 +212,12 @@ class PreprocessConfig:
             raise ConfigError(f"files_per_shard {self.files_per_shard}: must be >= 1")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction {self.label_fraction}: must be in (0, 1]")
-        shares = list(self.split_fractions.values())
-        if set(self.split_fractions) - {"unsupervised", "train", "test"}:
-            raise ConfigError(f"split_fractions {self.split_fractions}: keys are unsupervised, train, test")
-        if any(not isinstance(v, (int, float)) or v < 0 for v in shares) or abs(sum(shares) - 1) > 1e-6:
-            raise ConfigError(f"split_fractions {self.split_fractions}: must be >= 0 and sum to 1")
+        from .splits import check_fractions
+
+        try:
+            check_fractions(self.split_fractions)
+        except ValueError as err:
+            raise ConfigError(f"split_fractions: {err}") from None
         if self.shard:
             parse_shard(self.shard)
         if self.file_timeout_s <= 0:

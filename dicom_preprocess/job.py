@@ -27,6 +27,10 @@ STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 @dataclass
 class JobSummary:
+    """What a run did. ``files``, ``cached`` and ``skipped`` count this run's work (chunks decoded
+    now); ``images`` and ``errors`` are the finished cache's counts (after duplicates of one image
+    id were moved to the errors), None for a shard that leaves finalising to preprocess-merge."""
+
     out: str
     files: int
     chunks: int
@@ -35,10 +39,24 @@ class JobSummary:
     skipped: int
     seconds: float
     finalized: bool
+    images: int | None = None
+    errors: int | None = None
+    reused_files: int = 0
 
     @property
     def files_per_second(self) -> float:
         return self.files / self.seconds if self.seconds else float("nan")
+
+    def line(self) -> str:
+        """The console's one-line account of the run."""
+        work = f"{self.files} files decoded in {self.seconds:.1f} s ({self.files_per_second:.0f} files/s)" \
+            if self.files else f"nothing to decode ({self.seconds:.1f} s)"
+        if self.reused_files:
+            work += f"; {self.reused_files} files in {self.chunks_done_before} chunks reused from an earlier run"
+        if not self.finalized:
+            return f"{self.cached} images, {self.skipped} skipped in this shard ({work}); run preprocess-merge"
+        return (f"cache complete: {self.images} images, {self.errors} inputs skipped ({work}): {self.out} "
+                f"(reasons: {os.path.join(self.out, 'errors.csv')})")
 
 
 class StorageFull(RuntimeError):
@@ -54,6 +72,8 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
         raise ConfigError("input: required (a folder, .zip or .tar/.tar.gz)")
     if not config.out:
         raise ConfigError("out: required (the cache directory)")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise ConfigError(f"out {config.out}: is a file; give a directory for the cache")
     if config.labels and not os.path.isfile(config.labels):
         raise ConfigError(f"labels {config.labels}: file not found")
     if config.labels:
@@ -67,8 +87,11 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     if not sources:
         raise ConfigError(f"input {config.input}: no DICOM, NIfTI or ITK files found")
     parts = os.path.join(config.out, cache_io.PARTS)
-    os.makedirs(parts, exist_ok=True)
-    record = job_record(config, len(sources), archive.fingerprint(sources))
+    try:
+        os.makedirs(parts, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out {config.out}: cannot create the cache directory ({err.strerror})") from None
+    record = job_record(config, len(sources), archive.fingerprint(sources), archive.unlisted)
     check_or_write_job(parts, record)
     size = config.files_per_shard
     chunks = [(c, sources[c * size : (c + 1) * size]) for c in range(record["chunks"])]
@@ -103,9 +126,9 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
             info = cache_io.read_chunk_json(parts, chunk)
             cached += len(info["records"])
             skipped += len(info["errors"])
-        finalized = False
+        finalized, meta = False, None
         if count == 1 or all(cache_io.chunk_done(parts, c) for c in range(record["chunks"])):
-            finalize_cache(config.out, labels=config.labels or None)
+            meta = finalize_cache(config.out, labels=config.labels or None)
             finalized = True
     except OSError as err:
         if err.errno not in STORAGE_FULL:
@@ -117,8 +140,10 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
         ) from None
     finally:
         bar.close()
+    reused = sum(len(chunk_sources) for chunk, chunk_sources in mine if chunk not in sizes)
     return JobSummary(config.out, files, record["chunks"], done_before, cached, skipped,
-                      time.perf_counter() - started, finalized)
+                      time.perf_counter() - started, finalized, meta["images"] if meta else None,
+                      meta["skipped"] if meta else None, reused)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -1,6 +1,8 @@
 """Read one CT slice from DICOM (pydicom, SimpleITK fallback), NIfTI (nibabel) or ITK files.
 
-The fast path never materialises HU: an uncompressed DICOM's PixelData is viewed as 16-bit
+Plain uncompressed little-endian files (RSNA's kind) have their header read by
+:mod:`.fastheader` and go through the same checks; anything else, and every rejection, is read
+by pydicom. The fast path never materialises HU: an uncompressed DICOM's PixelData is viewed as 16-bit
 codes (zero-copy ``np.frombuffer``) and the code -> HU mapping (rescale slope/intercept, sign
 extension, the RSNA 12-bit wrap fix) is returned as parameters, so that the encoder can turn
 codes into windows with one table look-up. ``pixel_array`` costs ~1 ms per RSNA slice on
@@ -12,7 +14,14 @@ Facts this module relies on (../shared/REFERENCE.md section 1):
   and use UIDs such as ``ID_1f6d1e8aeb``, which pydicom 3 warns about (expected).
 * 12-bit wrap defect: if ``BitsStored == 12 and PixelRepresentation == 0 and
   RescaleIntercept > -100`` the codes are HU modulo 4096. Fix (used by most solutions): add 1000,
-  subtract 4096 where the result is >= 4096, and use intercept -1000. Recovers HU >= -1000.
+  subtract 4096 where the result is >= 4096, and use intercept -1000. Recovers HU >= -1000. It is
+  a CT defect: applied to CT (or an image without Modality, accepted as CT) with slope 1 only; a
+  CR with slope 0.684 and intercept 200 is not HU and must not be shifted.
+* The same code -> HU rules hold on every decode path: SimpleITK (GDCM) applies slope/intercept
+  itself, so its output is turned back into stored codes first.
+* A CT pipeline puts CT windows on CT: other modalities (MR, CR, NM, OT, ...) are refused with a
+  reason unless listed in ``modalities``; a missing Modality on an otherwise valid image is
+  accepted with a note.
 * WindowCenter/Width may be multi-valued; they are not used (windows come from the config).
 * Orientation is kept as pydicom gives it: no transpose (MONAI's PydicomReader transposes 2D
   slices by default, MONAI#8265).
@@ -29,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 import numpy as np
+
+from .fastheader import fast_dataset
 
 MAX_SIDE = 4096  # larger Rows/Columns are refused before any pixel buffer is allocated
 MAX_VOLUME_VOXELS = 512 * 2**20  # 2 GiB as float32: a NIfTI/ITK header claiming more is refused unread
@@ -196,8 +207,8 @@ def _uncompressed_codes(ds, rows: int, cols: int, big_endian: bool) -> tuple[np.
     return codes.reshape(rows, cols), bits_allocated
 
 
-def _sitk_hu(raw: bytes) -> np.ndarray:
-    """Decode with SimpleITK (GDCM), which also applies slope/intercept."""
+def _sitk_values(raw: bytes) -> np.ndarray:
+    """Decode with SimpleITK (GDCM), which also applies slope/intercept (float64 (H, W))."""
     import SimpleITK as sitk
 
     with tempfile.NamedTemporaryFile(suffix=".dcm", delete=False) as handle:
@@ -212,15 +223,20 @@ def _sitk_hu(raw: bytes) -> np.ndarray:
         array = array[0]
     if array.ndim != 2:
         raise SkipImage(f"SimpleITK decoded an array of shape {array.shape}, expected one slice")
-    return array.astype(np.float32)
+    return array.astype(np.float64)
 
 
-def read_dicom(source: str | bytes | BinaryIO, name: str = "") -> Slice:
+DEFAULT_MODALITIES = ("CT",)
+
+
+def read_dicom(source: str | bytes | BinaryIO, name: str = "", modalities=DEFAULT_MODALITIES) -> Slice:
     """Read one DICOM slice.
 
     Args:
         source: a path, the file's bytes, or a binary file object.
         name: the input's name for messages and the fallback image id (file stem).
+        modalities: the Modality values accepted (None: any); an image without Modality is
+            accepted with a note.
 
     Raises:
         SkipImage: with the reason, for anything that is not a complete single-frame
@@ -238,6 +254,13 @@ def read_dicom(source: str | bytes | BinaryIO, name: str = "") -> Slice:
         raw_bytes = source.read()
     if len(raw_bytes) == 0:
         raise SkipImage("empty file (0 bytes)")
+    fast = fast_dataset(raw_bytes)  # a plain uncompressed little-endian file: no pydicom needed
+    if fast is not None:
+        try:
+            rows, cols = _check_image_tags(fast)
+            return _slice_from_dataset(fast, raw_bytes, name, rows, cols, modalities)
+        except Exception:  # SkipImage included: a rejection is worded by pydicom's reading, below
+            pass
     from pydicom.config import disable_value_validation
 
     # RSNA's ID_... UIDs and odd VRs would warn (and log) once per value: validation off; the
@@ -255,22 +278,30 @@ def read_dicom(source: str | bytes | BinaryIO, name: str = "") -> Slice:
         except SkipImage:
             raise
         except Exception as err:  # pydicom raises many types on broken headers
-            raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {str(err)[:120]})") from None
+            raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {_one_line(err, 200)})") from None
 
         try:
-            return _slice_from_dataset(ds, raw_bytes, name, rows, cols)
+            return _slice_from_dataset(ds, raw_bytes, name, rows, cols, modalities)
         except SkipImage:
             raise
         except Exception as err:  # pydicom parses lazily: a broken element can raise on first access
-            raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {str(err)[:120]})") from None
+            raise SkipImage(f"not a readable DICOM file ({type(err).__name__}: {_one_line(err, 200)})") from None
 
 
-def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int) -> Slice:
+def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int, modalities) -> Slice:
     stem = os.path.basename(name)
     stem = stem[:-4] if stem.lower().endswith(".dcm") else stem
     image_id = _text(ds, "SOPInstanceUID") or stem
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
-    if _text(ds, "Modality").upper() == "CT":
+    modality = _text(ds, "Modality").upper()
+    notes = []
+    if not modality:
+        notes.append("no Modality tag: accepted and read as CT")
+    elif modalities is not None and modality not in {m.upper() for m in modalities}:
+        raise SkipImage(f"Modality {_code_string(modality)} is not accepted (accepted: {', '.join(modalities)}; "
+                        "set --modalities to read it): CT windows would be meaningless on it")
+    as_ct = modality in ("CT", "")
+    if modality == "CT":
         # Type 1 in the CT Image module: without them stored values are not HU, and every
         # window would be off by the intercept (-1024 on RSNA).
         for keyword in ("RescaleSlope", "RescaleIntercept"):
@@ -297,8 +328,9 @@ def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int) -
         series_uid=_text(ds, "SeriesInstanceUID"),
         z=_z_position(ds),
         invert=photometric == "MONOCHROME1",
+        notes=notes,
     )
-    wrap_fix = bits_stored == 12 and not signed and intercept > -100
+    wrap_fix = as_ct and slope == 1.0 and bits_stored == 12 and not signed and intercept > -100
     if not encapsulated:
         big_endian = not ds.original_encoding[1] if ds.original_encoding[1] is not None else False
         out.codes, bits_allocated = _uncompressed_codes(ds, rows, cols, big_endian)
@@ -316,16 +348,31 @@ def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int) -
         raise
     except Exception as pydicom_err:
         try:
-            out.hu = _sitk_hu(raw_bytes)
+            values = _sitk_values(raw_bytes)
         except Exception as sitk_err:
             raise SkipImage(
-                f"compressed transfer syntax {tsyntax.name} not decoded by pydicom "
-                f"({str(pydicom_err)[:80]}) nor SimpleITK ({str(sitk_err)[:80]})"
+                f"compressed transfer syntax {tsyntax.name} not decoded by pydicom ({_one_line(pydicom_err)}) "
+                f"nor SimpleITK ({_one_line(sitk_err, 200)})"
             ) from None
-        if out.hu.shape != (rows, cols):
-            raise SkipImage(f"decoded shape {out.hu.shape} != Rows x Columns {(rows, cols)}")
+        if values.shape != (rows, cols):
+            raise SkipImage(f"decoded shape {values.shape} != Rows x Columns {(rows, cols)}")
+        # GDCM applied slope and intercept; back to the stored codes, so that the code -> HU rules
+        # (the 12-bit wrap fix included) are the same as on pydicom's paths.
+        stored = np.rint((values - intercept) / slope)
+        low, high = (-32768, 32767) if signed else (0, 65535)
+        if stored.size and (stored.min() < low or stored.max() > high):
+            raise SkipImage(f"SimpleITK decoded values outside the {'signed' if signed else 'unsigned'} 16-bit range")
+        out.codes = stored.astype(np.int16 if signed else np.uint16).view(np.uint16)
+        out.code_map = CodeMap(signed, 16, slope, intercept, wrap_fix)
         out.notes.append("decoded by SimpleITK")
         return out
+
+
+def _one_line(err: BaseException, limit: int = 280) -> str:
+    """An exception's message on one line (decoders' messages span several), shortened at its end:
+    the cause is what follows a decoder's name, so the start must stay whole."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_volume_shape(shape: tuple) -> None:
@@ -385,7 +432,7 @@ def read_volume(path: str, name: str = "") -> Iterator[Slice]:
     except SkipImage:
         raise
     except Exception as err:
-        raise SkipImage(f"unreadable volume ({type(err).__name__}: {str(err)[:120]})") from None
+        raise SkipImage(f"unreadable volume ({type(err).__name__}: {_one_line(err, 300)})") from None
     for k, (hu, z) in enumerate(zip(slices, zs)):
         if max(hu.shape) > MAX_SIDE:
             raise SkipImage(f"slice shape {hu.shape} larger than {MAX_SIDE}")

@@ -1,4 +1,5 @@
-"""Inputs read in place: a folder (recursive), a ``.zip``, or a ``.tar``/``.tar.gz``.
+"""Inputs read in place: a folder (recursive), a ``.zip``, a ``.tar``/``.tar.gz``, or one file
+(a ``.dcm``, a NIfTI or ITK volume).
 
 Every input becomes a :class:`Source` named by its path *relative to the input* (the folder or
 the archive root), so that a folder and an archive of it list the same names in the same order
@@ -49,10 +50,12 @@ class InputArchive:
     """Lists and reads the image inputs of a folder or archive.
 
     Args:
-        path: folder, ``.zip`` or ``.tar[.gz|.bz2|.xz]``.
+        path: folder, ``.zip``, ``.tar[.gz|.bz2|.xz]``, or a single DICOM/NIfTI/ITK file.
 
     Raises:
         FileNotFoundError / ValueError: when the input is missing or of an unknown kind.
+
+    ``unlisted`` counts, by suffix, the files of the input that are not images (read nowhere).
     """
 
     def __init__(self, path: str):
@@ -66,18 +69,25 @@ class InputArchive:
             self.kind = "zip"
         elif lower.endswith(ARCHIVE_SUFFIXES[1:]):  # .tar and the compressed tars
             self.kind = "tar"
+        elif classify(os.path.basename(self.path)) is not None:
+            self.kind = "file"
         else:
-            raise ValueError(f"input {path}: expected a folder, a .zip or a .tar/.tar.gz archive")
+            raise ValueError(f"input {path}: expected a folder, a .zip or .tar/.tar.gz archive, or a DICOM, NIfTI "
+                             "or ITK file")
         self._handle = None
+        self.unlisted: dict[str, int] = {}
 
     # -- listing ---------------------------------------------------------------------------
     def list(self) -> list[Source]:
         """Image inputs sorted by name; duplicates in an archive keep the first and flag the rest."""
         seen: set[str] = set()
         sources = []
+        self.unlisted = {}
         for name, size, reason in self._walk():
             kind = classify(name)
             if kind is None:
+                suffix = os.path.splitext(name)[1].lower() or "(none)"
+                self.unlisted[suffix] = self.unlisted.get(suffix, 0) + 1
                 continue
             if name in seen:
                 reason = reason or "duplicate member name in archive; the first one is used"
@@ -87,7 +97,9 @@ class InputArchive:
         return sources
 
     def _walk(self) -> Iterator[tuple[str, int, str]]:
-        if self.kind == "folder":
+        if self.kind == "file":
+            yield os.path.basename(self.path), os.path.getsize(self.path), ""
+        elif self.kind == "folder":
             for root, dirs, files in os.walk(self.path):
                 dirs.sort()
                 for file in sorted(files):
@@ -122,15 +134,17 @@ class InputArchive:
 
     # -- reading -----------------------------------------------------------------------------
     def local_path(self, source: Source) -> str | None:
-        """Filesystem path of a folder input (volumes need one for nibabel/SimpleITK)."""
+        """Filesystem path of a folder or file input (volumes need one for nibabel/SimpleITK)."""
+        if self.kind == "file":
+            return self.path
         return os.path.join(self.path, source.name) if self.kind == "folder" else None
 
     def read_many(self, sources: list[Source]) -> Iterator[tuple[Source, bytes | Exception]]:
         """Bytes of each source in order (an exception in place of bytes when unreadable)."""
-        if self.kind == "folder":
+        if self.kind in ("folder", "file"):
             for source in sources:
                 try:
-                    with open(os.path.join(self.path, source.name), "rb") as handle:
+                    with open(self.local_path(source), "rb") as handle:
                         yield source, handle.read(MAX_MEMBER_BYTES + 1)
                 except OSError as err:
                     yield source, err

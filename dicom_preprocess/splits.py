@@ -1,8 +1,11 @@
 """Patient-grouped splits and the stratified labeled fraction.
 
 No patient is in two splits: slices of one patient are near-duplicates, and a split by slice
-would leak them from training into testing. The RSNA lab's split of 752,801 slices was
-564,601 unsupervised / 150,560 train / 37,640 test, i.e. 0.75 / 0.20 / 0.05 (the defaults).
+would leak them from training into testing. Four splits: ``unsupervised`` (MoCo pretraining),
+``train`` (the labeled pool fine-tuning draws its label fraction from), ``val`` (every choice:
+epoch, early stop, thresholds) and ``test`` (read once, at the end). The RSNA lab's split of
+752,801 slices was 564,601 unsupervised / 150,560 train / 37,640 test; the defaults keep its
+unsupervised and test shares and take a validation share from train: 0.75 / 0.15 / 0.05 / 0.05.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-SPLITS = ("unsupervised", "train", "test")
+SPLITS = ("unsupervised", "train", "val", "test")
+DEFAULT_FRACTIONS = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0.05}
 
 
 def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed: int) -> np.ndarray:
@@ -61,3 +65,66 @@ def label_subset(labels_any: pd.Series, fraction: float, seed: int) -> np.ndarra
         take = max(1, int(round(fraction * len(rows))))
         mask[rng.choice(rows, size=take, replace=False)] = True
     return mask
+
+
+def check_fractions(fractions: Mapping[str, float]) -> dict:
+    """``fractions`` as floats, checked: keys among :data:`SPLITS`, values >= 0 summing to 1.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    unknown = sorted(set(fractions) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"split fractions {dict(fractions)}: unknown split(s) {unknown}; use {list(SPLITS)}")
+    try:
+        out = {name: float(fractions[name]) for name in SPLITS if name in fractions}
+    except (TypeError, ValueError):
+        raise ValueError(f"split fractions {dict(fractions)}: values must be numbers") from None
+    if any(v < 0 for v in out.values()) or abs(sum(out.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions {dict(fractions)}: must be >= 0 and sum to 1")
+    return out
+
+
+def parse_fractions(text: str) -> dict:
+    """``"unsupervised=0.75,train=0.15,val=0.05,test=0.05"`` -> checked fractions."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"split fractions {text!r}: expected name=value pairs, e.g. {_example()}")
+        out[name.strip()] = value.strip()
+    return check_fractions(out)
+
+
+def _example() -> str:
+    return ",".join(f"{k}={v}" for k, v in DEFAULT_FRACTIONS.items())
+
+
+def assign_splits(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int,
+                  label_fraction: float) -> pd.DataFrame:
+    """``manifest`` with its ``split`` (grouped by patient, else study) and ``in_label_subset``
+    (``label_fraction`` of the labeled train split, stratified on ``any``) columns set."""
+    manifest = manifest.copy()
+    group = manifest["patient_id"].where(manifest["patient_id"] != "", manifest["study_uid"])
+    manifest["split"] = patient_splits(group, fractions, seed) if len(manifest) else np.array([], dtype=object)
+    manifest["in_label_subset"] = False
+    pool = np.flatnonzero((manifest["split"] == "train").to_numpy() & manifest["labeled"].to_numpy())
+    if len(pool):
+        chosen = label_subset(manifest["any"].iloc[pool], label_fraction, seed)
+        manifest.loc[pool[chosen], "in_label_subset"] = True
+    return manifest
+
+
+def split_fingerprints(manifest: pd.DataFrame, label_columns) -> dict:
+    """A hash per split of its image ids and their labels: two evaluations were made on the same
+    images with the same labels exactly when their split fingerprints are equal."""
+    import hashlib
+
+    out = {}
+    for name, part in manifest.groupby("split", sort=True):
+        part = part.sort_values("image_id")
+        digest = hashlib.sha256()
+        for row in zip(part["image_id"], *(part[c] for c in label_columns), part["labeled"]):
+            digest.update(("\t".join(str(v) for v in row) + "\n").encode())
+        out[str(name)] = digest.hexdigest()[:16]
+    return out

@@ -199,6 +199,8 @@ def synthesize(
     zip_archive: bool = False,
     slices_per_series: tuple[int, int] = (10, 16),
     hemorrhage_rate: float = 0.5,
+    lesion_scale: float = 1.0,
+    subtypes: tuple = HEMORRHAGES,
     keep_hu: bool = False,
     rows: int = 512,
 ) -> SynthArchive:
@@ -209,6 +211,9 @@ def synthesize(
         zip_archive: write ``out/rsna-intracranial-hemorrhage-detection.zip`` (members
             ``stage_2_train/ID_*.dcm`` and ``stage_2_train.csv``) instead of the folder.
         hemorrhage_rate: probability that a series carries hemorrhage.
+        lesion_scale: multiplies every lesion's size (> 1 makes an easy task, for tests that must
+            see a model learn in a few epochs at a few dozen pixels).
+        subtypes: the hemorrhage subtypes that may occur (default all five).
         keep_hu: keep each slice's HU in the returned :class:`SynthArchive` (for tests).
         rows: side of the regular (square) images; odd shapes keep their RSNA sizes.
     """
@@ -235,11 +240,12 @@ def synthesize(
             n = int(rng.integers(slices_per_series[0], slices_per_series[1] + 1))
             lesions = {}
             if rng.random() < hemorrhage_rate:
-                for subtype in rng.choice(HEMORRHAGES, size=int(rng.integers(1, 3)), replace=False):
+                kinds = [str(k) for k in subtypes]
+                for subtype in rng.choice(kinds, size=min(len(kinds), int(rng.integers(1, 3))), replace=False):
                     start = int(rng.integers(0, max(1, n // 2)))
                     lesions[str(subtype)] = {
                         "range": (start, min(n, start + int(rng.integers(max(2, n // 3), n // 2 + 2)))),
-                        "angle": float(rng.uniform(-np.pi, np.pi)), "size": float(rng.uniform(0.6, 1.0)),
+                        "angle": float(rng.uniform(-np.pi, np.pi)), "size": lesion_scale * float(rng.uniform(0.6, 1.0)),
                         "center": (float(rng.uniform(-0.6, 0.6)), float(rng.uniform(-0.5, 0.5))),
                         "density": float(rng.random()),
                     }

@@ -26,7 +26,7 @@ from .reader import SkipImage, read_dicom, read_volume
 from .sources import InputArchive, Source
 from .windowing import parse_windows
 
-MAX_REASON = 300
+MAX_REASON = 700  # two decoders' messages and what they printed
 MAX_INPUT_BYTES = 256 * 2**20
 
 
@@ -130,6 +130,7 @@ class ChunkWorker:
         self.parts = os.path.join(config.out, cache_io.PARTS)
         self.quarantine = read_quarantine(self.parts)
         self.failpoints = Failpoints.from_environment()
+        self.modalities = tuple(config.modalities) or None
         self.in_worker_process = in_worker_process
         self._warm_up()
 
@@ -148,7 +149,7 @@ class ChunkWorker:
 
     def _slices(self, source: Source, data: bytes):
         if source.kind == "dicom":
-            return [read_dicom(data, source.name)]
+            return [read_dicom(data, source.name, self.modalities)]
         path = self.archive.local_path(source)
         if path is not None:
             return list(read_volume(path, source.name))
@@ -179,7 +180,8 @@ class ChunkWorker:
                         else:
                             for record in records:
                                 if record["source"] == source.name:
-                                    record["notes"] = f"decoder said: {said}"
+                                    record["notes"] = "; ".join(filter(None, [record.get("notes", ""),
+                                                                              f"decoder said: {said}"]))
             errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
             errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
                           if not s.skip_reason and s.name in self.quarantine)
@@ -215,7 +217,8 @@ class ChunkWorker:
                 if config.hash_ids:
                     ids = tuple(hash_id(v, config.hash_salt) for v in ids)
                 records.append({"image_id": image.image_id, "patient_id": ids[0], "study_uid": ids[1],
-                                "series_uid": ids[2], "z": image.z, "source": source.name})
+                                "series_uid": ids[2], "z": image.z, "source": source.name,
+                                **({"notes": "; ".join(image.notes)} if image.notes else {})})
                 pixels.append(tensor)
         except SkipImage as err:
             errors.append({"source": source.name, "reason": str(err)})

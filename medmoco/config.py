@@ -161,6 +161,22 @@ class SupervisedAugmentConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    """Percentile intervals of a bootstrap that resamples patients (slices of one patient are
+    correlated: resampling slices makes intervals far too narrow)."""
+
+    replicates: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.replicates < 10:
+            raise ConfigError(f"bootstrap.replicates {self.replicates}: must be >= 10")
+        if not 0.5 <= self.level < 1.0:
+            raise ConfigError(f"bootstrap.level {self.level}: must be in [0.5, 1)")
+
+
+@dataclass
 class FinetuneConfig(RuntimeConfig):
     """`medmoco finetune`: a six-subtype head on a MoCo (or random) backbone.
 
@@ -176,7 +192,11 @@ class FinetuneConfig(RuntimeConfig):
     subset_seed: int = 0  # which slices form the fraction (fixed across trials)
     extra_labels: str = ""  # RSNA long-format CSV of newly labeled slices (e.g. from `medmoco select`)
     train_split: str = "train"
-    eval_split: str = "test"
+    val_split: str = "val"  # every choice (epoch, early stop, thresholds) is made here
+    test_split: str = "test"  # read once, after training, by the selected model
+    early_stopping_patience: int = 0  # epochs without a better val mean AUC before stopping; 0 = off
+    target_sensitivity: float = 0.9  # each class's threshold reaches this sensitivity on val
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     context: int = -1  # 2.5D neighbours; -1 -> the pretrained file's, else 0
     image_size: int = 0  # 0 -> the cache's size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.01, weight_decay=0.0))
@@ -196,6 +216,13 @@ class FinetuneConfig(RuntimeConfig):
             raise ConfigError(f"pretrained: required for mode {self.mode!r} (a `medmoco pretrain` export or runs:/ID)")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size {self.eval_batch_size}: must be >= 1")
+        if len({self.train_split, self.val_split, self.test_split}) != 3:
+            raise ConfigError(f"train_split, val_split, test_split: must be three different splits "
+                              f"({self.train_split}, {self.val_split}, {self.test_split})")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"early_stopping_patience {self.early_stopping_patience}: must be >= 0")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(f"target_sensitivity {self.target_sensitivity}: must be in (0, 1]")
         if len(self.class_weights) != 6:
             raise ConfigError(f"class_weights {self.class_weights}: need six values (epidural .. any)")
         if self.pos_weight and len(self.pos_weight) != 6:
@@ -215,7 +242,7 @@ class ExperimentConfig:
     run_dir: str = "runs/experiment"
     modes: list = field(default_factory=lambda: ["finetune", "linear", "scratch"])
     label_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.2, 1.0])
-    trials: int = 3
+    trials: int = 5  # mean ± std over 5 trials, as the NYU MoCo CT project reported
     finetune: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-label-efficiency"))
 

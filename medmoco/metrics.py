@@ -1,4 +1,5 @@
-"""Hemorrhage metrics: per-class ROC AUC, the RSNA weighted log loss, per-class average precision.
+"""Hemorrhage metrics: per-class ROC AUC, the RSNA weighted log loss, per-class average precision,
+calibration (ECE, Brier) and operating points.
 
 AUC comes from MONAI's ``compute_roc_auc`` with ``average="none"`` (what ``ROCAUCMetric``
 computes; MONAI's ignite ``ROCAUC`` handler reports only one number, so it is not used). A class
@@ -42,11 +43,16 @@ def per_class_auc(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def weighted_log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray = RSNA_WEIGHTS) -> float:
-    p = np.clip(probs.astype(np.float64), EPS, 1.0 - EPS)
-    y = labels.astype(np.float64)
+def slice_log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray = RSNA_WEIGHTS) -> np.ndarray:
+    """Each slice's weighted log loss over the six subtypes (N,); its mean is the competition metric."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0 - EPS)
+    y = np.asarray(labels, dtype=np.float64)
     per_class = -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
-    return float(np.mean((per_class * weights).sum(axis=1) / weights.sum()))
+    return (per_class * weights).sum(axis=1) / weights.sum()
+
+
+def weighted_log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray = RSNA_WEIGHTS) -> float:
+    return float(np.mean(slice_log_loss(labels, probs, weights)))
 
 
 def per_class_ap(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -70,15 +76,44 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
-def metrics_table(metrics: dict) -> list[dict]:
-    """Rows ``{class, auc, ap}`` for the six subtypes and the mean, for CSV/Markdown reports."""
-    rows = [{"class": c, "auc": metrics[f"auc_{c}"], "ap": metrics[f"ap_{c}"]} for c in SUBTYPES]
-    aps = [metrics[f"ap_{c}"] for c in SUBTYPES if not np.isnan(metrics[f"ap_{c}"])]
-    rows.append({"class": "mean", "auc": metrics["auc_mean"], "ap": float(np.mean(aps)) if aps else float("nan")})
-    return rows
+# --- calibration and operating points ----------------------------------------------------------
+
+ECE_BINS = 15
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| class | AUC | AP |", "|---|---|---|"]
-    lines += [f"| {r['class']} | {r['auc']:.4f} | {r['ap']:.4f} |" for r in rows]
-    return "\n".join(lines) + "\n"
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE over ``bins`` equal-width probability bins: ``sum_b n_b / N |mean(y_b) - mean(p_b)|``
+    (a probability of exactly 1 falls in the last bin)."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    gap = np.abs(np.bincount(which, weights=y, minlength=bins) - np.bincount(which, weights=p, minlength=bins))
+    return float(gap.sum() / len(y))
+
+
+def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared error of the probability."""
+    y = np.asarray(labels, dtype=np.float64)
+    return float(np.mean((np.asarray(probs, dtype=np.float64) - y) ** 2)) if len(y) else float("nan")
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: float) -> float | None:
+    """The highest threshold ``t`` (positive when ``p >= t``) whose sensitivity reaches ``target``:
+    the ``ceil(target x positives)``-th largest score of the positives. None without positives."""
+    scores = np.sort(np.asarray(probs, dtype=np.float64)[np.asarray(labels) > 0.5])[::-1]
+    if len(scores) == 0:
+        return None
+    k = max(1, int(np.ceil(target * len(scores) - 1e-9)))
+    return float(scores[k - 1])
+
+
+def operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity and PPV at ``p >= threshold`` (None where undefined)."""
+    y = np.asarray(labels) > 0.5
+    called = np.asarray(probs, dtype=np.float64) >= threshold
+    tp, fp = int((called & y).sum()), int((called & ~y).sum())
+    pos, neg = int(y.sum()), int((~y).sum())
+    return {"sensitivity": tp / pos if pos else None, "specificity": (neg - fp) / neg if neg else None,
+            "ppv": tp / (tp + fp) if tp + fp else None}

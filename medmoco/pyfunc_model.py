@@ -1,11 +1,19 @@
 """The registered MLflow model, as MLflow "models from code" (no pickle: loading it needs no
 ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``; the weights are a state dict in ``model.pt``).
 
-Input: a DataFrame with one row per image and one of the columns
-  ``dicom``  DICOM bytes (over REST: base64 of the file),
-  ``path``   a DICOM file path readable by the server,
-  ``tensor`` an already-windowed uint8 (C, H, W) array as ``.npy`` bytes (REST: base64).
+Input, one row per image, either
+  * a DataFrame with one of the columns
+      ``dicom``  DICOM bytes (over REST: base64 of the file),
+      ``path``   a DICOM file path readable by the server,
+      ``tensor`` an already-windowed uint8 (C, H, W) array as ``.npy`` bytes (REST: base64);
+  * or a list / Series of DICOM paths (``model.predict(["a.dcm", "b.dcm"])``) or of DICOM bytes.
+A frame with none of the three columns is refused with an error that names them.
 Output: a DataFrame with the six subtype probabilities per row (epidural .. any).
+
+The registered signature declares the outputs only. With an input schema of three optional
+columns, MLflow turns a list of paths into a frame with a column ``0``, drops it as unknown with a
+warning, and the model received no rows: an empty prediction instead of an error. The inputs are
+therefore checked here, where the error can say what is accepted; the model card documents them.
 """
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+COLUMNS = {"dicom": "DICOM bytes (base64 over REST)", "path": "a DICOM file path",
+           "tensor": "a uint8 C x H x W .npy array as bytes (base64 over REST)"}
+
 
 def _as_bytes(value) -> bytes:
     if isinstance(value, (bytes, bytearray)):
@@ -26,34 +37,59 @@ def _as_bytes(value) -> bytes:
     raise ValueError(f"expected bytes or a base64 string, got {type(value).__name__}")
 
 
+def as_frame(model_input) -> pd.DataFrame:
+    """The input as a frame with one of :data:`COLUMNS`.
+
+    Raises:
+        ValueError: naming the accepted columns, for a frame without any of them or an input of
+            another kind.
+    """
+    accepted = "; ".join(f"{name}: {what}" for name, what in COLUMNS.items())
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        if not set(COLUMNS) & set(map(str, model_input.columns)):
+            raise ValueError(f"input columns {list(model_input.columns)}: none of the accepted columns ({accepted}); "
+                             "or give a list of DICOM paths")
+        return model_input
+    if isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
+        items = list(model_input)
+        if all(isinstance(item, (bytes, bytearray)) for item in items):
+            return pd.DataFrame({"dicom": items})
+        if all(isinstance(item, str) for item in items):
+            return pd.DataFrame({"path": items})
+    raise ValueError(f"input of type {type(model_input).__name__}: give a list of DICOM paths, or a DataFrame with "
+                     f"one of the columns ({accepted})")
+
+
 class MedmocoClassifier(PythonModel):
     def load_context(self, context) -> None:
         from medmoco.serving import ClassifierPredictor
 
         self.predictor = ClassifierPredictor(context.artifacts["weights"])
 
-    # The type hints tell MLflow the input is a frame (no signature is inferred from them: the
-    # registered signature lists the three optional columns); without hints MLflow warns twice.
+    # Type hints: without them MLflow warns twice per registration; a DataFrame hint infers no
+    # signature (the registered one declares the outputs).
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from dicom_preprocess import SUBTYPES
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        frame = as_frame(model_input)
         probs = np.zeros((len(frame), len(SUBTYPES)), dtype=np.float32)
         for i, row in enumerate(frame.to_dict("records")):
-            if row.get("tensor") is not None and not _missing(row.get("tensor")):
+            if not _missing(row.get("tensor")):
                 image = np.load(io.BytesIO(_as_bytes(row["tensor"])), allow_pickle=False)
                 probs[i] = self.predictor.predict_tensors(image[None])[0]
-            elif row.get("dicom") is not None and not _missing(row.get("dicom")):
+            elif not _missing(row.get("dicom")):
                 probs[i] = self.predictor.predict_dicoms([_as_bytes(row["dicom"])])[0]
-            elif row.get("path") is not None and not _missing(row.get("path")):
+            elif not _missing(row.get("path")):
                 probs[i] = self.predictor.predict_dicoms([str(row["path"])])[0]
             else:
-                raise ValueError(f"row {i}: give one of the columns dicom, path or tensor")
+                raise ValueError(f"row {i}: give one of the columns {', '.join(COLUMNS)}")
         return pd.DataFrame(probs, columns=list(SUBTYPES))
 
 
 def _missing(value) -> bool:
-    return isinstance(value, float) and np.isnan(value)
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 mlflow.models.set_model(MedmocoClassifier())

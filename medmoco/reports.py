@@ -42,6 +42,39 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, path: str) -> str:
     return path
 
 
+def reliability_figure(labels: np.ndarray, probs: np.ndarray, path: str, bins: int = 15) -> str:
+    """Reliability diagrams of the six subtypes (mean predicted probability vs observed frequency
+    per equal-width bin, marker area by slice count), each titled with its ECE, in one PNG."""
+    from .metrics import expected_calibration_error
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for ax, j in zip(axes.ravel(), range(len(SUBTYPES))):
+        y, p = labels[:, j].astype(np.float64), probs[:, j].astype(np.float64)
+        which = np.minimum((p * bins).astype(np.int64), bins - 1)
+        n = np.bincount(which, minlength=bins)
+        used = n > 0
+        mean_p = np.bincount(which, weights=p, minlength=bins)[used] / n[used]
+        freq = np.bincount(which, weights=y, minlength=bins)[used] / n[used]
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.plot(mean_p, freq, "-", lw=1, color="tab:blue")
+        ax.scatter(mean_p, freq, s=20 + 200 * n[used] / max(1, n.max()), color="tab:blue", label="bins (area: slices)")
+        ax.bar(edges[:-1], n / max(1, len(p)), width=1.0 / bins, align="edge", alpha=0.15, color="gray",
+               label="share of slices")
+        ece = expected_calibration_error(y, p, bins) if len(y) else float("nan")
+        ax.set_title(f"{SUBTYPES[j]} (n+={int(y.sum())}, ECE {ece:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed frequency")
+    axes.ravel()[0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def training_curves(history: dict, path: str) -> str:
     """One panel per metric of ``{key: [(step, value), ...]}``."""
     plt = _pyplot()
@@ -58,29 +91,46 @@ def training_curves(history: dict, path: str) -> str:
     return path
 
 
-def label_efficiency_figure(table, path: str) -> str:
-    """Mean AUC vs label fraction, one line per mode with +/- std error bars (``table``: a DataFrame
-    with columns mode, label_fraction, auc_mean_mean, auc_mean_std)."""
+def label_efficiency_figure(table, path: str, differences=None) -> str:
+    """Left: test mean AUC vs label fraction, one line per mode, +/- std over trials. Right (with
+    ``differences``): each MoCo mode minus scratch, trial-paired, with its 95% interval."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    panels = 2 if differences is not None and len(differences) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
     for mode, part in table.groupby("mode"):
         part = part.sort_values("label_fraction")
         ax.errorbar(part["label_fraction"], part["auc_mean_mean"], yerr=part["auc_mean_std"].fillna(0),
                     marker="o", capsize=3, label=mode)
     ax.set_xscale("log")
     ax.set_xlabel("label fraction")
-    ax.set_ylabel("test mean AUC (6 subtypes)")
+    ax.set_ylabel("test mean AUC (6 subtypes), mean ± std over trials")
     ax.legend()
     ax.grid(True, alpha=0.3)
+    if panels == 2:
+        ax = axes[0][1]
+        for mode, part in differences.groupby("mode"):
+            part = part.sort_values("label_fraction")
+            low = (part["delta_auc_mean"] - part["delta_ci_low"]).fillna(0)
+            high = (part["delta_ci_high"] - part["delta_auc_mean"]).fillna(0)
+            ax.errorbar(part["label_fraction"], part["delta_auc_mean"], yerr=[low, high], marker="o", capsize=3,
+                        label=f"{mode} − scratch")
+        ax.axhline(0.0, color="k", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction")
+        ax.set_ylabel("Δ test mean AUC, paired trials (95% CI)")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def write_metrics_report(out_dir: str, labels: np.ndarray, probs: np.ndarray, metrics: dict,
-                         extra: dict | None = None) -> list[str]:
-    """``metrics.csv``/``.md``/``.json`` and ``roc_curves.png`` of one evaluation in ``out_dir``.
+def write_evaluation(out_dir: str, labels: np.ndarray, probs: np.ndarray, evaluation: dict,
+                     extra: dict | None = None) -> list[str]:
+    """``metrics.json`` (:func:`medmoco.evaluation.evaluate_split` plus ``extra``), ``metrics.md``
+    (the reviewer's table), ``roc_curves.png`` and ``reliability.png`` in ``out_dir``.
 
     Returns:
         The paths written.
@@ -88,17 +138,15 @@ def write_metrics_report(out_dir: str, labels: np.ndarray, probs: np.ndarray, me
     import json
     import os
 
-    import pandas as pd
-
-    from .metrics import markdown_table, metrics_table
+    from .evaluation import markdown_table
 
     os.makedirs(out_dir, exist_ok=True)
-    rows = metrics_table(metrics)
-    paths = [os.path.join(out_dir, name) for name in ("metrics.csv", "metrics.md", "metrics.json", "roc_curves.png")]
-    pd.DataFrame(rows).to_csv(paths[0], index=False)
+    paths = [os.path.join(out_dir, name) for name in ("metrics.json", "metrics.md", "roc_curves.png",
+                                                      "reliability.png")]
+    with open(paths[0], "w") as handle:
+        json.dump({**evaluation, **(extra or {})}, handle, indent=1)
     with open(paths[1], "w") as handle:
-        handle.write(markdown_table(rows))
-    with open(paths[2], "w") as handle:
-        json.dump({**metrics, **(extra or {})}, handle, indent=1)
-    roc_figure(labels, probs, paths[3])
+        handle.write(markdown_table(evaluation))
+    roc_figure(labels, probs, paths[2])
+    reliability_figure(labels, probs, paths[3])
     return paths

@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, experiment, finetune, preprocess, pretrain, register
+    from . import evaluate, experiment, finetune, preprocess, pretrain, register, registry, review
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("preprocess", "DICOM archive -> multi-window CT cache", preprocess.add_arguments, preprocess.run),
         ("preprocess-merge", "join --shard outputs into one cache", preprocess.add_merge_arguments,
          preprocess.run_merge),
+        ("split", "new patient-grouped splits for a cache, without decoding again", preprocess.add_split_arguments,
+         preprocess.run_split),
         ("pretrain", "MoCo pretraining on the cache (torchrun/srun for DDP)", pretrain.add_arguments, pretrain.run),
         ("finetune", "six-subtype classifier: finetune | linear | scratch", finetune.add_arguments, finetune.run),
         ("evaluate", "metrics.json + predictions.csv of a model on a cache split", evaluate.add_evaluate_arguments,
@@ -27,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
          experiment.run),
         ("register", "register a finetune run's model in the MLflow registry", register.add_register_arguments,
          register.run_register),
-        ("review", "registry versions side by side; --promote with a guard", register.add_review_arguments,
-         register.run_review),
+        ("review", "registry versions; --compare two on the same images; --promote when non-inferior",
+         review.add_review_arguments, review.run_review),
+        ("registry", "a shared registry's roles (MLflow basic-auth): registry roles --trainers ...",
+         registry.add_arguments, registry.run),
         ("tracking-replay", "send the MLflow calls a run spooled while the server was unreachable",
          add_replay_arguments, run_replay),
     ]
@@ -58,6 +62,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dicom_preprocess.assembly import LabelsUnmatched, NothingCached
     from dicom_preprocess.job import StorageFull
     from medmoco.distributed import PeerFailure
 
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (PeerFailure, StorageFull) as err:
+    except (PeerFailure, StorageFull, NothingCached, LabelsUnmatched) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -3,9 +3,12 @@
     python -m pipelines.demo --workdir demo-run [--patients 40]
 
 Stages (each skipped when its output is complete; an interrupted stage resumes): synthesise ->
-preprocess -> pretrain (configs/pretrain/cpu_demo.yaml) -> finetune (configs/finetune/cpu_demo.yaml)
--> evaluate -> register (alias candidate) -> review table. Everything stays under the work dir:
-archive/, cache/, pretrain/, finetune/, eval/, mlflow.db, mlartifacts/.
+preprocess (patient-grouped unsupervised/train/val/test) -> MoCo pretraining
+(configs/pretrain/cpu_demo.yaml) -> fine-tuning of the MoCo backbone and, for comparison, the same
+network from scratch at the same label fraction (configs/finetune/cpu_demo.yaml; epochs chosen on
+val, test read once) -> `medmoco evaluate` -> register both -> compare them on the same test images
+-> promotion under the non-inferiority rule, and the review table. Everything stays under the
+work dir: archive/, cache/, pretrain/, finetune/, scratch/, eval/, review/, mlflow.db, mlartifacts/.
 """
 from __future__ import annotations
 
@@ -16,15 +19,22 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = 8
 
 
 def _stage(n: int, title: str) -> float:
-    print(f"\n== [{n}/7] {title}", flush=True)
+    print(f"\n== [{n}/{STAGES}] {title}", flush=True)
     return time.perf_counter()
 
 
 def _done(start: float, what: str) -> None:
     print(f"   {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_preprocess.config import PreprocessConfig
     from dicom_preprocess.job import run_preprocess
     from dicom_preprocess.synthetic import synthesize
+    from medmoco.comparison import markdown
     from medmoco.config import FinetuneConfig, PretrainConfig, load_config
+    from medmoco.tracking import client as mlflow_client
     from medmoco.tracking import recorded_run_id
-    from pipelines import evaluate, finetune, pretrain, register
+    from pipelines import evaluate, finetune, pretrain, register, review
 
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
     uri = f"sqlite:///{os.path.join(work, 'mlflow.db')}"
-    paths = {k: os.path.join(work, k) for k in ("archive", "cache", "pretrain", "finetune", "eval")}
+    paths = {k: os.path.join(work, k) for k in ("archive", "cache", "pretrain", "finetune", "scratch", "eval",
+                                                "review")}
+    name = register.MODEL_NAME
     total = time.perf_counter()
 
     t = _stage(1, f"synthesise an RSNA-like archive ({args.patients} patients)")
@@ -57,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         archive = synthesize(paths["archive"], patients=args.patients, seed=0)
         _done(t, f"{len(archive.slices)} DICOM slices -> {archive.images_dir}")
 
-    t = _stage(2, "preprocess DICOM -> 3-window uint8 cache (128 px)")
+    t = _stage(2, "preprocess DICOM -> 3-window uint8 cache (128 px), patient-grouped unsupervised/train/val/test")
     summary = run_preprocess(PreprocessConfig(
         input=os.path.join(paths["archive"], "stage_2_train"), labels=labels_csv, out=paths["cache"], size=128,
-        workers=args.workers, split_fractions={"unsupervised": 0.5, "train": 0.3, "test": 0.2}), progress=False)
-    _done(t, f"{summary.cached} images cached, {summary.skipped} skipped -> {paths['cache']}")
+        workers=args.workers, split_fractions={"unsupervised": 0.4, "train": 0.3, "val": 0.15, "test": 0.15}),
+        progress=False)
+    _done(t, summary.line())
 
     t = _stage(3, "MoCo v2 pretraining (configs/pretrain/cpu_demo.yaml)")
     backbone = os.path.join(paths["pretrain"], "backbone.pt")
@@ -77,60 +92,85 @@ def main(argv: list[str] | None = None) -> int:
                  f"{last.get('knn_auc_mean', float('nan')):.3f}, data-wait {last['data_wait_fraction']:.2f}; "
                  f"MLflow run {result['run_id']}")
 
-    t = _stage(4, "fine-tune at label fraction 0.2 (configs/finetune/cpu_demo.yaml)")
-    report = os.path.join(paths["finetune"], "report", "metrics.json")
-    run_id = recorded_run_id(paths["finetune"])
-    if os.path.exists(report) and run_id:
-        _done(t, f"reusing run {run_id}")
-    else:
+    runs = {}
+    for mode in ("finetune", "scratch"):
+        t = _stage(4, f"fine-tune, mode {mode}, label fraction 0.2 (configs/finetune/cpu_demo.yaml)")
+        run_dir = paths[mode]
+        report = os.path.join(run_dir, "report", "metrics.json")
+        runs[mode] = recorded_run_id(run_dir)
+        if os.path.exists(report) and runs[mode]:
+            _done(t, f"reusing run {runs[mode]}")
+            continue
         config = load_config(FinetuneConfig, os.path.join(REPO, "configs", "finetune", "cpu_demo.yaml"),
-                             {"cache": paths["cache"], "run_dir": paths["finetune"], "pretrained": backbone,
-                              "progress": False, "tracking": {"uri": uri}})
+                             {"cache": paths["cache"], "run_dir": run_dir, "mode": mode,
+                              "pretrained": backbone if mode != "scratch" else "", "progress": False,
+                              "tracking": {"uri": uri}})
         result = finetune.training(0, config, resume="auto")
-        run_id = result["run_id"]
-        _done(t, f"test mean AUC {result['metrics']['auc_mean']:.3f}, weighted log loss "
-                 f"{result['metrics']['weighted_logloss']:.3f}; MLflow run {run_id}")
+        runs[mode] = result["run_id"]
+        m = result["metrics"]
+        _done(t, f"epoch {result['selected_epoch']} of {config.epochs} selected on val; test (read once) mean AUC "
+                 f"{_with_ci(m['auc_mean'], m['auc_mean_ci'])}, weighted log loss "
+                 f"{_with_ci(m['weighted_logloss'], m['weighted_logloss_ci'])}; MLflow run {runs[mode]}")
 
-    t = _stage(5, "evaluate on the test split")
+    t = _stage(5, "evaluate the MoCo model with `medmoco evaluate` (the same test figures, from the CLI)")
     metrics = evaluate.evaluate(os.path.join(paths["finetune"], finetune.MODEL_FILE), paths["cache"], "test",
                                 paths["eval"])
-    _done(t, f"{metrics['n_images']} images: mean AUC {metrics.get('auc_mean', float('nan')):.3f} -> "
-             f"{paths['eval']}/metrics.json, predictions.csv")
+    _done(t, f"{metrics['n_images']} slices of {metrics['n_patients']} patients: mean AUC "
+             f"{_with_ci(metrics['auc_mean'], metrics['auc_mean_ci'])} (95% CI, patient bootstrap) -> "
+             f"{paths['eval']}/metrics.md, metrics.json, reliability.png, predictions.csv")
 
-    t = _stage(6, "register in the MLflow model registry (alias candidate)")
-    client = register._client(uri)
-    existing = [v for v in client.search_model_versions(f"name='{register.MODEL_NAME}'")
-                if v.tags.get("source_run") == run_id] if _has_model(client) else []
-    if existing:
-        _done(t, f"reusing version {existing[0].version}")
+    t = _stage(6, "register both models in the MLflow registry")
+    client = mlflow_client(uri)
+    versions = {}
+    for mode in ("scratch", "finetune"):
+        existing = _versions_of_run(client, name, runs[mode])
+        if existing:
+            versions[mode] = existing
+        else:
+            versions[mode] = register.register(runs[mode], name, "candidate" if mode == "finetune" else "", uri)["version"]
+    _done(t, f"{name} version {versions['scratch']} (scratch), version {versions['finetune']} (MoCo fine-tuned, "
+             f"alias candidate)")
+
+    t = _stage(7, f"compare them on the same test images: version {versions['finetune']} (MoCo) against "
+                  f"version {versions['scratch']} (scratch)")
+    comparison_file = os.path.join(paths["review"], "comparison.json")
+    if os.path.exists(comparison_file):
+        _done(t, f"reusing {paths['review']}")
     else:
-        reg = register.register(run_id, register.MODEL_NAME, "candidate", uri)
-        _done(t, f"version {reg['version']}: models:/{register.MODEL_NAME}@candidate")
+        comparison = review.compare_versions(name, str(versions["finetune"]), str(versions["scratch"]),
+                                             paths["review"], paths["cache"], "test", tracking_uri=uri, cases=6)
+        print(markdown(comparison))
+        _done(t, f"-> {paths['review']}/comparison.md, comparison.json, predictions_*.csv, cases/*.png; MLflow run "
+                 f"{comparison['run_id']} in {review.REVIEW_EXPERIMENT}")
 
-    _stage(7, "review")
-    print(register.format_table(register.versions_table(register.MODEL_NAME, uri)))
+    t = _stage(8, "promotion: scratch becomes champion, then the MoCo model must be non-inferior to replace it")
+    for mode in ("scratch", "finetune"):
+        try:
+            result = review.promote(name, str(versions[mode]), "champion", paths["cache"], "test",
+                                    out=os.path.join(paths["review"], f"promote-v{versions[mode]}"), tracking_uri=uri,
+                                    cases=0)
+            print(f"   {result['message']}")
+        except review.PromotionRefused as err:
+            print(f"   refused: {str(err).rpartition(chr(10))[2]}")
+    print()
+    print(review.format_table(review.versions_table(name, uri)))
+    _done(t, "review table above")
+
     print(f"\nDone in {time.perf_counter() - total:.0f} s. Everything is under {work}:")
-    for name, path in paths.items():
-        print(f"  {name:9s} {path}")
+    for key, path in paths.items():
+        print(f"  {key:9s} {path}")
     print(f"  mlflow    {os.path.join(work, 'mlflow.db')} (artifacts: {os.path.join(work, 'mlartifacts')})")
-    print(f"\nBrowse:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000 -> Models -> "
-          f"{register.MODEL_NAME})")
-    print(f"Use:     MLFLOW_TRACKING_URI={uri} medmoco review --name {register.MODEL_NAME}")
+    print(f"\nBrowse:  mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000 -> Models -> {name})")
+    print(f"Use:     MLFLOW_TRACKING_URI={uri} medmoco review --name {name}")
     return 0
 
 
-def _has_model(client) -> bool:
+def _versions_of_run(client, name: str, run_id: str) -> int | None:
     try:
-        client.get_registered_model(register_name())
-        return True
+        found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("source_run") == run_id]
     except Exception:
-        return False
-
-
-def register_name() -> str:
-    from pipelines.register import MODEL_NAME
-
-    return MODEL_NAME
+        return None
+    return int(found[0].version) if found else None
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def write_submission(image_ids, probs, path: str) -> str:
 
 def predict_cache(model_path: str, cache_dir: str, split: str | None = None, device: str = "cpu",
                   batch_size: int = 64):
-    """(image ids, probabilities (N, 6), rows, cache) of a cache split (all images when split is None)."""
+    """(image ids, probabilities (N, 6), rows, cache, model info) of a cache split (all images when
+    split is None)."""
     from dicom_preprocess import open_cache
     from medmoco.engines.supervised import predict_rows
     from medmoco.models import load_classifier
@@ -66,7 +67,7 @@ def predict_cache(model_path: str, cache_dir: str, split: str | None = None, dev
     model.to(device)
     probs = predict_rows(model, cache, rows, info["context"], info["image_size"], device, batch_size)
     ids = cache.manifest["image_id"].to_numpy()[rows]
-    return ids, probs, rows, cache
+    return ids, probs, rows, cache, info
 
 
 # --- evaluate ---------------------------------------------------------------------------------
@@ -74,38 +75,58 @@ def predict_cache(model_path: str, cache_dir: str, split: str | None = None, dev
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
     parser.add_argument("--cache", required=True)
-    parser.add_argument("--split", default="test", help="cache split (test, train, unsupervised) or 'all'")
-    parser.add_argument("--out", required=True, help="directory for metrics.json and predictions.csv")
+    parser.add_argument("--split", default="test", help="cache split (test, val, train, unsupervised) or 'all'")
+    parser.add_argument("--out", required=True, help="directory for metrics.json/.md, predictions.csv and figures")
+    parser.add_argument("--replicates", type=int, default=2000, help="patient-bootstrap replicates for the intervals")
+    parser.add_argument("--level", type=float, default=0.95, help="interval level")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
 
 
-def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cpu", tracking_uri: str = "") -> dict:
-    from medmoco.metrics import classification_metrics, markdown_table, metrics_table
+def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cpu", tracking_uri: str = "",
+             replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Predictions of a cache split and, where it is labeled, :func:`medmoco.evaluation.evaluate_split`
+    with the model's operating points (thresholds fixed on validation when it was trained)."""
+    from medmoco.config import BootstrapConfig
+    from medmoco.evaluation import evaluate_split
+    from medmoco.reports import write_evaluation
 
+    BootstrapConfig(replicates, level, seed)  # checks them, naming the setting
     path = resolve_model(model, tracking_uri)
     if not os.path.isdir(cache_dir):
         raise ConfigError(f"cache {cache_dir}: no such directory")
-    ids, probs, rows, cache = predict_cache(path, cache_dir, None if split == "all" else split, device)
+    ids, probs, rows, cache, info = predict_cache(path, cache_dir, None if split == "all" else split, device)
     os.makedirs(out, exist_ok=True)
     write_submission(ids, probs, os.path.join(out, "predictions.csv"))
     labeled = cache.manifest["labeled"].to_numpy()[rows]
-    metrics = {"model": model, "cache": os.path.abspath(cache_dir), "split": split, "n_images": int(len(rows)),
-               "n_labeled": int(labeled.sum())}
-    if labeled.any():
-        metrics.update(classification_metrics(cache.labels(rows[labeled]), probs[labeled]))
-        with open(os.path.join(out, "metrics.md"), "w") as handle:
-            handle.write(markdown_table(metrics_table(metrics)))
-    with open(os.path.join(out, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=1)
-    return metrics
+    about = {"model": model, "cache": os.path.abspath(cache_dir), "cache_fingerprint": cache.fingerprint,
+             "split": split, "split_fingerprint": cache.metadata.get("split_fingerprints", {}).get(split, ""),
+             "n_predicted": int(len(rows)), "n_labeled": int(labeled.sum()),
+             "operating_points": info.get("operating_points")}
+    if not labeled.any():
+        metrics = {**about, "n_images": int(len(rows))}
+        with open(os.path.join(out, "metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=1)
+        return metrics
+    thresholds = (info.get("operating_points") or {}).get("thresholds")
+    patients = cache.manifest["patient_id"].to_numpy()[rows[labeled]]
+    evaluation = evaluate_split(cache.labels(rows[labeled]), probs[labeled], patients, thresholds, replicates, level,
+                                seed)
+    write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about)
+    return {**evaluation, **about}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    metrics = evaluate(args.model, args.cache, args.split, args.out, args.device, args.tracking_uri)
-    summary = (f"AUC mean {metrics['auc_mean']:.4f}, weighted log loss {metrics['weighted_logloss']:.4f}"
-               if "auc_mean" in metrics else "no labeled images: predictions only")
-    print(f"evaluated {metrics['n_images']} images of {args.split}: {summary}; -> {args.out}")
+    metrics = evaluate(args.model, args.cache, args.split, args.out, args.device, args.tracking_uri, args.replicates,
+                       args.level, args.seed)
+    if metrics.get("auc_mean") is not None:
+        ci = metrics["auc_mean_ci"] or [float("nan")] * 2
+        summary = (f"AUC mean {metrics['auc_mean']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
+                   f"({int(100 * args.level)}% CI, patient bootstrap), weighted log loss {metrics['weighted_logloss']:.4f}")
+    else:
+        summary = "no labeled images (or no class with both labels): predictions only"
+    print(f"evaluated {metrics['n_predicted']} images of {args.split}: {summary}; -> {args.out}")
     return 0
 
 
@@ -129,7 +150,8 @@ def preprocess_like_model(info: dict, input_path: str, out_dir: str, workers: in
     windows = [{"name": w["name"], "center": w["center"], "width": w["width"]} for w in pre["windows"]]
     config = PreprocessConfig(input=input_path, out=out_dir, size=int(pre["size"]), windows=windows,
                               window_mode=pre.get("window_mode", "linear"), workers=workers,
-                              split_fractions={"unsupervised": 1.0, "train": 0.0, "test": 0.0})
+                              split_fractions={"unsupervised": 1.0},
+                              modalities=list(pre.get("modalities", ["CT"])))
     return run_preprocess(config, progress=False)
 
 
@@ -141,15 +163,25 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
     info = {k: v for k, v in read_weights(path).items() if k != "state_dict"}
     if not os.path.exists(input_path):
         raise ConfigError(f"input {input_path}: no such file or directory")
+    from dicom_preprocess.assembly import NothingCached
+
+    skipped_csv = os.path.splitext(out)[0] + ".skipped.csv"
     with tempfile.TemporaryDirectory(prefix="medmoco-predict-") as work:
-        summary = preprocess_like_model(info, input_path, os.path.join(work, "cache"), workers)
-        if summary.cached == 0:
-            raise ValueError(f"input {input_path}: no readable image ({summary.skipped} skipped)")
-        ids, probs, _, cache = predict_cache(path, os.path.join(work, "cache"), None, device)
+        try:
+            preprocess_like_model(info, input_path, os.path.join(work, "cache"), workers)
+        except NothingCached:
+            import pandas as pd
+
+            errors = pd.read_csv(os.path.join(work, "cache", "errors.csv"), dtype=str, keep_default_na=False)
+            os.makedirs(os.path.dirname(os.path.abspath(skipped_csv)), exist_ok=True)
+            errors.to_csv(skipped_csv, index=False)
+            raise NothingCached(f"input {input_path}: none of its {len(errors)} files is a usable image; the reasons "
+                                f"are in {skipped_csv}") from None
+        ids, probs, _, cache, _ = predict_cache(path, os.path.join(work, "cache"), None, device)
         skipped = cache.errors()
     write_submission(ids, probs, out)
     if len(skipped):
-        skipped.to_csv(os.path.splitext(out)[0] + ".skipped.csv", index=False)
+        skipped.to_csv(skipped_csv, index=False)
     return {"images": len(ids), "skipped": len(skipped), "out": out}
 
 
@@ -192,7 +224,7 @@ def select(model: str, cache_dir: str, n: int, strategy: str, out: str, by_serie
     if n < 1:
         raise ConfigError(f"n {n}: must be >= 1")
     path = resolve_model(model, tracking_uri)
-    ids, probs, rows, cache = predict_cache(path, cache_dir, split, device)
+    ids, probs, rows, cache, _ = predict_cache(path, cache_dir, split, device)
     series = cache.manifest["series_uid"].to_numpy()[rows]
     rng = np.random.default_rng(seed)
     score = uncertainty(probs) if strategy == "uncertainty" else rng.random(len(rows))

@@ -1,11 +1,13 @@
 """Stage: `medmoco experiment --config configs/experiments/label_efficiency.yaml [--trials N]`.
 
 Runs every (mode, label fraction, trial) as a `medmoco finetune` child run of one MLflow parent
-run, then writes ``table.csv``/``table.md`` (per-class test AUC mean +/- std over trials per mode
-and fraction) and ``label_efficiency.png`` (mean AUC vs label fraction, one line per mode, error
-bars) and logs them to the parent. Trials differ in the seed of initialisation and data order;
-the labeled subset of a fraction is the same for every trial and mode (``subset_seed``), so the
-modes are compared on identical labels. Finished trials are skipped when the command is rerun.
+run (each selects its epoch on val and reads test once), then writes ``table.csv``/``table.md``
+(per-class test AUC mean +/- std over trials per mode and fraction, and the trial-paired
+difference of each MoCo mode against scratch with its 95% interval: :mod:`medmoco.label_efficiency`),
+``differences.csv`` and ``label_efficiency.png``, and logs them to the parent. Trials differ in
+the seed of initialisation and data order; the labeled subset of a fraction is the same for every
+trial and mode (``subset_seed``), so the modes are compared on identical labels. Finished trials
+are skipped when the command is rerun.
 """
 from __future__ import annotations
 
@@ -43,33 +45,10 @@ def trial_configs(exp: ExperimentConfig):
     return out
 
 
-def summarise(results) -> "pd.DataFrame":  # noqa: F821
-    """Per (mode, fraction): mean and std over trials of every per-class AUC and the mean AUC."""
-    import pandas as pd
-
-    frame = pd.DataFrame(results)
-    metrics = [c for c in frame.columns if c.startswith("auc_")] + ["weighted_logloss"]
-    grouped = frame.groupby(["mode", "label_fraction"])[metrics].agg(["mean", "std"])
-    grouped.columns = [f"{m}_{s}" for m, s in grouped.columns]
-    grouped["trials"] = frame.groupby(["mode", "label_fraction"]).size()
-    return grouped.reset_index()
-
-
-def markdown(table) -> str:
-    from dicom_preprocess import SUBTYPES
-
-    cols = [f"auc_{c}" for c in SUBTYPES] + ["auc_mean"]
-    head = "| mode | fraction | " + " | ".join(c[4:] for c in cols) + " | trials |"
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
-    for _, row in table.iterrows():
-        cells = [f"{row[c + '_mean']:.3f} ± {0 if row[c + '_std'] != row[c + '_std'] else row[c + '_std']:.3f}"
-                 for c in cols]
-        lines.append(f"| {row['mode']} | {row['label_fraction']:g} | " + " | ".join(cells) + f" | {row['trials']} |")
-    return "\n".join(lines) + "\n"
-
-
 def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
+    from dicom_preprocess import SUBTYPES
     from dicom_preprocess.files import atomic_write_json
+    from medmoco.label_efficiency import markdown, paired_differences, summarise
     from medmoco.reports import label_efficiency_figure
     from medmoco.tracking import create_tracker
     from pipelines.finetune import training
@@ -93,25 +72,34 @@ def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
         config.tracking.parent_run_id = parent.run_id or ""
         print(f"[{i}/{len(trials)}] {name}", flush=True)
         out = training(0, config)
+        m = out["metrics"]
         record = {"mode": mode, "label_fraction": fraction, "trial": trial, "run_id": out["run_id"],
-                  **{k: v for k, v in out["metrics"].items() if k.startswith(("auc_", "weighted"))}}
+                  "selected_epoch": out["selected_epoch"], "weighted_logloss": m["weighted_logloss"],
+                  **{k: m[k] for k in ["auc_mean"] + [f"auc_{c}" for c in SUBTYPES]},
+                  "auc_mean_ci": m["auc_mean_ci"]}
         atomic_write_json(done, record)
         results.append(record)
     table = summarise(results)
+    differences = paired_differences(results) if "scratch" in exp.modes else None
     table.to_csv(os.path.join(exp.run_dir, "table.csv"), index=False)
+    if differences is not None:
+        differences.to_csv(os.path.join(exp.run_dir, "differences.csv"), index=False)
     with open(os.path.join(exp.run_dir, "table.md"), "w") as handle:
-        handle.write(markdown(table))
-    label_efficiency_figure(table, os.path.join(exp.run_dir, "label_efficiency.png"))
-    for file in ("table.csv", "table.md", "label_efficiency.png"):
-        parent.log_artifact(os.path.join(exp.run_dir, file))
+        handle.write(markdown(table, differences))
+    label_efficiency_figure(table, os.path.join(exp.run_dir, "label_efficiency.png"), differences)
+    for file in ("table.csv", "differences.csv", "table.md", "label_efficiency.png"):
+        if os.path.exists(os.path.join(exp.run_dir, file)):
+            parent.log_artifact(os.path.join(exp.run_dir, file))
     for _, row in table.iterrows():
-        parent.log_metrics({f"{row['mode']}_auc_mean": row["auc_mean_mean"]}, int(round(row["label_fraction"] * 1000)))
+        parent.log_metrics({f"{row['mode']}_test_auc_mean": row["auc_mean_mean"]},
+                           int(round(row["label_fraction"] * 1000)))
     parent.finish("FINISHED")
-    return {"table": table, "run_id": parent.run_id, "dir": exp.run_dir}
+    return {"table": table, "differences": differences, "run_id": parent.run_id, "dir": exp.run_dir}
 
 
 def run(args: argparse.Namespace) -> int:
     from medmoco.config import load_config, parse_overrides
+    from medmoco.label_efficiency import markdown
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = parse_overrides(args.set)
@@ -119,6 +107,6 @@ def run(args: argparse.Namespace) -> int:
         overrides["trials"] = args.trials
     exp = load_config(ExperimentConfig, args.config, overrides)
     result = run_experiment(exp, args.tracking_uri or "")
-    print(markdown(result["table"]))
+    print(markdown(result["table"], result["differences"]))
     print(f"table and plot -> {result['dir']}; MLflow parent run {result['run_id']}")
     return 0

@@ -4,9 +4,14 @@ Modes: ``finetune`` (MoCo backbone, whole network trained), ``linear`` (MoCo-Fre
 frozen in eval mode, only the linear head trains; checked after every epoch), ``scratch``
 (same architecture, random init). ``--pretrained`` takes a `medmoco pretrain` export
 (``backbone.pt``), a MoCo checkpoint, or ``runs:/<pretraining run id>`` (its logged backbone).
-Train: the label fraction of the cache's labeled ``train`` split (+ ``--extra-labels``); every
-epoch the ``test`` split is evaluated over all ranks and the best mean AUC is kept. DDP as for
-pretraining (torchrun / srun); ``batch_size`` is per process.
+
+Train on the label fraction of the cache's labeled ``train`` split (+ ``--extra-labels``). Every
+choice is made on ``val``: each epoch is scored there (``val_*`` in MLflow), the epoch with the
+best ``val_auc_mean`` is kept as ``model.pt`` (``selected_epoch``), early stopping (optional)
+watches it, and each class's threshold for ``target_sensitivity`` is fixed on ``val``. Only then
+is ``test`` read, once, by the selected model: its figures with patient-bootstrap intervals,
+calibration and operating points are logged as ``test_*`` (one step). DDP as for pretraining
+(torchrun / srun); ``batch_size`` is per process.
 """
 from __future__ import annotations
 
@@ -67,7 +72,11 @@ def resolve_pretrained(spec: str, tracking_uri: str = "") -> str:
 
 
 def validate(config):
-    """Fail before any work: cache, pretrained weights, extra labels. Returns (cache, pretrained payload)."""
+    """Fail before any work: cache and its splits, pretrained weights, extra labels.
+
+    Returns:
+        (cache, pretrained payload or None).
+    """
     from dicom_preprocess import open_cache
     from medmoco.models.export import read_weights
 
@@ -77,9 +86,18 @@ def validate(config):
         cache = open_cache(config.cache)
     except FileNotFoundError as err:
         raise ConfigError(f"cache: {err}") from None
-    for split in (config.train_split, config.eval_split):
-        if split not in set(cache.manifest["split"]):
-            raise ConfigError(f"split {split!r}: not in cache {config.cache} (has {sorted(set(cache.manifest['split']))})")
+    present = sorted(set(cache.manifest["split"]))
+    if config.val_split not in present:
+        raise ConfigError(
+            f"cache {config.cache} has no {config.val_split!r} split (it has {present}; caches written before the "
+            f"validation split existed have none). Model selection must not read the test split: add one without "
+            f"decoding again with `medmoco split --cache {config.cache}`")
+    for split in (config.train_split, config.test_split):
+        if split not in present:
+            raise ConfigError(f"split {split!r}: not in cache {config.cache} (has {present})")
+    for split in (config.train_split, config.val_split, config.test_split):
+        if not len(cache.indices(split, labeled=True)):
+            raise ConfigError(f"split {split!r} of cache {config.cache} holds no labeled image")
     payload = None
     if config.mode in ("finetune", "linear"):
         path = resolve_pretrained(config.pretrained, config.tracking.uri)
@@ -97,16 +115,18 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     import ignite.distributed as idist
     import torch
     from ignite.engine import Events
+    from ignite.handlers import EarlyStopping
     from ignite.utils import manual_seed
 
     from dicom_preprocess.labels import read_rsna_labels
     from medmoco.config import flatten, to_dict
     from medmoco.data import train_indices
-    from medmoco.engines.common import RNGState, attach_checkpointing, attach_progress, device_for, resume_from
+    from medmoco.engines.common import (RNGState, attach_checkpointing, attach_progress, device_for, resume_from,
+                                        run_or_complete)
     from medmoco.engines.supervised import (BestEpoch, FrozenBackbone, create_supervised_trainer, get_dataflow,
                                             initialize, input_settings, predict_rows)
     from medmoco.metrics import classification_metrics
-    from medmoco.models import load_classifier, save_classifier
+    from medmoco.models import save_classifier
     from medmoco.tracking import TrackingHandler, create_tracker
 
     rank, world = idist.get_rank(), idist.get_world_size()
@@ -121,34 +141,38 @@ def training(local_rank: int, config, resume: str = "") -> dict:
         if rank == 0:
             log.info("extra labels %s: %s", config.extra_labels, report.summary())
     rows, labels, added, missing = train_indices(cache, config.train_split, config.label_fraction, config.subset_seed,
-                                                 extra, exclude_splits=(config.eval_split,))
+                                                 extra, exclude_splits=(config.val_split, config.test_split))
     if missing and rank == 0:
         log.warning("%d extra-label images are not in the cache (e.g. %s)", len(missing), missing[:3])
     loader = get_dataflow(config, cache, rows, labels, config.context, size)
-    eval_rows = cache.indices(config.eval_split, labeled=True)
-    eval_labels = cache.labels(eval_rows)
+    val_rows = cache.indices(config.val_split, labeled=True)
+    val_labels = cache.labels(val_rows)
     device = device_for(config)
     model, optimizer, scheduler, scaler, lr = initialize(config, config.arch, in_channels, payload)
     inner = getattr(model, "module", model)
     trainer = create_supervised_trainer(model, optimizer, scaler, config)
-    meta = (payload or {}).get("meta", {})
-    pretrain_run = str(meta.get("mlflow_run_id", ""))
+    pretrain_run = str((payload or {}).get("meta", {}).get("mlflow_run_id", ""))
     best_path = os.path.join(config.run_dir, MODEL_FILE)
-    tracker = None  # the run is opened after resume (below); save() reads its id
+    tracker = None  # opened after resume (below); save() reads its id
 
-    def evaluate() -> dict:
-        probs = predict_rows(model, cache, eval_rows, config.context, size, device, config.eval_batch_size, config.amp)
-        return classification_metrics(eval_labels, probs)
+    def evaluate_val() -> dict:
+        probs = predict_rows(model, cache, val_rows, config.context, size, device, config.eval_batch_size, config.amp)
+        return classification_metrics(val_labels, probs)
 
     def save(epoch: int, metrics: dict) -> None:
         save_classifier(inner, best_path, config.arch, in_channels, config.context, size, config.mode, cache.metadata,
-                        meta={"epoch": epoch, "auc_mean": metrics["auc_mean"], "finetune_run_id": tracker.run_id or "",
-                              "pretrain_run_id": pretrain_run, "label_fraction": config.label_fraction,
-                              "cache": os.path.abspath(config.cache), "eval_split": config.eval_split})
+                        meta={"epoch": epoch, "val_auc_mean": metrics["auc_mean"],
+                              "finetune_run_id": tracker.run_id or "", "pretrain_run_id": pretrain_run,
+                              "label_fraction": config.label_fraction, "cache": os.path.abspath(config.cache),
+                              "selected_on": config.val_split})
 
-    best = BestEpoch(evaluate, save, prefix="test")
+    best = BestEpoch(evaluate_val, save, prefix="val")
     to_save = {"model": inner, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer,
                "scaler": scaler, "rng": RNGState(), "best": best}
+    stopper = None
+    if config.early_stopping_patience:
+        stopper = EarlyStopping(config.early_stopping_patience, lambda engine: engine.state.selection_score, trainer)
+        to_save["early_stopping"] = stopper
     os.makedirs(config.run_dir, exist_ok=True)
     resume_from(resume, config.run_dir, to_save)
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
@@ -156,13 +180,16 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                              tags={"stage": "finetune", "mode": config.mode, "label_fraction": config.label_fraction,
                                    "cache_fingerprint": cache.fingerprint, "pretrain_run_id": pretrain_run,
                                    "arch": config.arch,
+                                   "test_split_fingerprint": cache.metadata.get("split_fingerprints", {}).get(
+                                       config.test_split, ""),
                                    **({"mlflow.parentRunId": config.tracking.parent_run_id}
                                       if config.tracking.parent_run_id else {})},
                              run_dir=config.run_dir, resume=bool(resume), retry_s=config.tracking.retry_s)
     params = flatten(to_dict(config))
     params.update({"world_size": world, "global_batch": config.batch_size * world, "effective_lr": lr,
-                   "image_size_used": size, "in_channels": in_channels, "n_train": len(rows),
-                   "n_eval": len(eval_rows), "extra_labels_added": added, "extra_labels_missing": len(missing)})
+                   "image_size_used": size, "in_channels": in_channels, "n_train": len(rows), "n_val": len(val_rows),
+                   "n_test": len(cache.indices(config.test_split, labeled=True)),
+                   "extra_labels_added": added, "extra_labels_missing": len(missing)})
     tracker.log_params(params)
     result = {"model": best_path, "n_train": len(rows), "extra_labels_added": added}
 
@@ -178,55 +205,90 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     def _log_epoch(engine):
         m = engine.state.epoch_metrics
         if rank == 0:
-            log.info("epoch %d: loss %.4f test_auc_mean %.4f test_weighted_logloss %.4f", engine.state.epoch,
-                     m["epoch_loss"], m["test_auc_mean"], m["test_weighted_logloss"])
-        # the figures the run has always logged per epoch, under their established names
+            log.info("epoch %d: loss %.4f val_auc_mean %.4f val_weighted_logloss %.4f", engine.state.epoch,
+                     m["epoch_loss"], m["val_auc_mean"], m["val_weighted_logloss"])
         engine.state.epoch_metrics = {"loss": m["epoch_loss"], "lr": m["lr"], "images_per_s": m["images_per_s"],
                                       "data_wait_fraction": m["data_wait_fraction"],
-                                      **{k: v for k, v in m.items() if k.startswith("test_")}}
+                                      **{k: v for k, v in m.items() if k.startswith("val_")}}
+
+    if stopper is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, stopper)  # after BestEpoch set selection_score
 
     @trainer.on(Events.COMPLETED)
-    def _report(engine):
-        """The best epoch's model on the evaluation split: report files and artifacts (rank 0 writes)."""
-        best_model, info = load_classifier(best_path)
-        best_model.to(device)
-        probs = predict_rows(best_model, cache, eval_rows, info["context"], info["image_size"], device,
-                             config.eval_batch_size)
-        metrics = classification_metrics(eval_labels, probs)
-        result["metrics"] = metrics
-        if rank == 0:
-            _write_report(config, tracker, best_path, eval_labels, probs, metrics, int(info["meta"]["epoch"]))
+    def _test_once(engine):
+        result["metrics"] = test_selected_model(config, cache, best_path, val_rows, val_labels, device, tracker,
+                                                best.epoch)
 
     tracking = TrackingHandler(tracker, log_every=0, optimizer=optimizer)
-    tracking.attach(trainer)  # after evaluation and report: it logs them and then closes the run
+    tracking.attach(trainer)  # after the evaluation and the test: it logs them and then closes the run
     scheduler.attach(trainer)
     attach_checkpointing(trainer, to_save, config.run_dir, config.keep_checkpoints)
     attach_progress(trainer, config.progress)
-    trainer.run(loader, max_epochs=config.epochs)
+    run_or_complete(trainer, loader, config.epochs)
     idist.barrier()
-    result.update({"run_id": tracker.run_id, "history": tracking.history, "best_epoch": best.epoch})
+    result.update({"run_id": tracker.run_id, "history": tracking.history, "best_epoch": best.epoch,
+                   "selected_epoch": best.epoch, "stopped_early": bool(stopper and trainer.state.epoch < config.epochs)})
     return result
 
 
-def _write_report(config, tracker, best_path, labels, probs, metrics, epoch: int) -> None:
-    """Metrics files, ROC and training curves, the resolved config and the model, as artifacts."""
+def test_selected_model(config, cache, model_path: str, val_rows, val_labels, device, tracker, epoch: int) -> dict:
+    """Fix the operating points on ``val``, then read ``test`` once with the selected model.
+
+    Every rank runs it (predictions are gathered); rank 0 writes the thresholds into the model
+    file and the report, and logs the ``test_*`` figures once (step = selected epoch).
+    """
+    import ignite.distributed as idist
+
+    from medmoco.engines.supervised import predict_rows
+    from medmoco.evaluation import choose_thresholds, evaluate_split, flat_metrics
+    from medmoco.models import load_classifier
+    from medmoco.models.classifier import set_operating_points
+
+    selected, info = load_classifier(model_path)
+    selected.to(device)
+    context, size = info["context"], info["image_size"]
+    val_probs = predict_rows(selected, cache, val_rows, context, size, device, config.eval_batch_size)
+    operating_points = {"split": config.val_split, "target_sensitivity": config.target_sensitivity,
+                        "thresholds": choose_thresholds(val_labels, val_probs, config.target_sensitivity)}
+    if idist.get_rank() == 0:
+        set_operating_points(model_path, operating_points)
+    test_rows = cache.indices(config.test_split, labeled=True)
+    test_probs = predict_rows(selected, cache, test_rows, context, size, device, config.eval_batch_size)  # the one read
+    test_labels = cache.labels(test_rows)
+    patients = cache.manifest["patient_id"].to_numpy()[test_rows]
+    boot = config.bootstrap
+    evaluation = evaluate_split(test_labels, test_probs, patients, operating_points["thresholds"],
+                                boot.replicates, boot.level, boot.seed)
+    if idist.get_rank() == 0:
+        _write_report(config, tracker, model_path, test_labels, test_probs, evaluation, epoch, operating_points)
+        tracker.log_metrics(flat_metrics(evaluation, "test"), epoch)
+        tracker.log_params({"selected_epoch": epoch, "selected_on": config.val_split,
+                            "target_sensitivity": config.target_sensitivity})
+    return evaluation
+
+
+def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, epoch: int,
+                  operating_points: dict) -> None:
+    """The test report (metrics.json/.md, ROC and reliability figures), training curves, the
+    resolved config and the model, as files and artifacts."""
     import yaml
 
     from medmoco.config import to_dict
-    from medmoco.reports import training_curves, write_metrics_report
+    from medmoco.reports import training_curves, write_evaluation
 
     out = os.path.join(config.run_dir, "report")
-    write_metrics_report(out, labels, probs, metrics, {"best_epoch": epoch})
+    write_evaluation(out, labels, probs, evaluation,
+                     {"split": config.test_split, "selected_epoch": epoch, "selected_on": config.val_split,
+                      "operating_points": operating_points})
     with open(os.path.join(out, "config.yaml"), "w") as handle:
         yaml.safe_dump(to_dict(config), handle)
     if tracker.active:
-        history = tracker.metric_history(["loss", "test_auc_mean", "test_weighted_logloss"])
+        history = tracker.metric_history(["loss", "val_auc_mean", "val_weighted_logloss"])
         training_curves(history, os.path.join(out, "training_curves.png"))
         for name in sorted(os.listdir(out)):
             tracker.log_artifact(os.path.join(out, name), "report")
-        tracker.log_artifact(best_path, "model")
-        tracker.log_metrics({f"best_{k}": v for k, v in metrics.items() if k != "n_images"}, epoch)
-        tracker.set_tags({"best_epoch": epoch, "model_file": os.path.abspath(best_path)})
+        tracker.log_artifact(model_path, "model")
+        tracker.set_tags({"selected_epoch": epoch, "model_file": os.path.abspath(model_path)})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,6 +307,8 @@ def _entry(local_rank: int, config, resume: str) -> None:
     result = training(local_rank, config, resume)
     if idist.get_rank() == 0:
         m = result["metrics"]
-        print(f"finetune ({config.mode}, label fraction {config.label_fraction}) done: best epoch "
-              f"{result['best_epoch']}, test AUC mean {m['auc_mean']:.4f}, weighted log loss "
-              f"{m['weighted_logloss']:.4f}; model -> {result['model']}; MLflow run {result['run_id']}")
+        ci = m["auc_mean_ci"] or [float("nan")] * 2
+        print(f"finetune ({config.mode}, label fraction {config.label_fraction}) done: epoch {result['selected_epoch']} "
+              f"selected on {config.val_split}; {config.test_split} AUC mean {m['auc_mean']:.4f} "
+              f"[{ci[0]:.4f}, {ci[1]:.4f}], weighted log loss {m['weighted_logloss']:.4f}; model -> {result['model']}; "
+              f"MLflow run {result['run_id']}")

@@ -6,7 +6,7 @@ import argparse
 from dicom_preprocess.config import PreprocessConfig, load_config, parse_overrides
 
 CLI_KEYS = ("input", "labels", "out", "size", "windows", "window_mode", "workers", "files_per_shard",
-            "label_fraction", "seed", "shard", "hash_ids", "hash_salt", "file_timeout_s")
+            "label_fraction", "seed", "shard", "hash_ids", "hash_salt", "file_timeout_s", "modalities")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hash-ids", dest="hash_ids", action="store_true", default=None)
     parser.add_argument("--hash-salt", dest="hash_salt")
     parser.add_argument("--file-timeout-s", dest="file_timeout_s", type=float)
+    parser.add_argument("--modalities", help="DICOM Modality values to read, e.g. CT (default) or CT,MR; '' for all")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true")
 
@@ -43,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     summary = run_preprocess(config, progress=not args.quiet)
-    state = "cache complete" if summary.finalized else f"shard {config.shard} done; run preprocess-merge"
-    print(f"{summary.cached} images cached, {summary.skipped} skipped "
-          f"({summary.files} files in {summary.seconds:.1f} s, {summary.files_per_second:.0f} files/s); "
-          f"{state}: {summary.out} (errors: {summary.out}/errors.csv)")
+    print(summary.line())
     return 0
 
 
@@ -81,4 +79,30 @@ def run_synth(args: argparse.Namespace) -> int:
     archive = synthesize(args.out, args.patients, args.seed, args.zip, (low, high), rows=args.rows)
     where = archive.zip_path or archive.images_dir
     print(f"{len(archive.slices)} slices of {args.patients} patients -> {where}; labels {archive.labels_csv}")
+    return 0
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    from dicom_preprocess.splits import DEFAULT_FRACTIONS
+
+    default = ",".join(f"{k}={v}" for k, v in DEFAULT_FRACTIONS.items())
+    parser.add_argument("--cache", required=True, help="a finished cache directory")
+    parser.add_argument("--fractions", default=default, help=f"patient-grouped shares (default {default})")
+    parser.add_argument("--seed", type=int, help="which patients go where (default: the cache's seed)")
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from dicom_preprocess.assembly import resplit_cache
+    from dicom_preprocess.cache import open_cache
+    from dicom_preprocess.config import ConfigError
+    from dicom_preprocess.splits import parse_fractions
+
+    try:
+        fractions = parse_fractions(args.fractions)
+    except ValueError as err:
+        raise ConfigError(f"--fractions: {err}") from None
+    seed = args.seed if args.seed is not None else int(open_cache(args.cache).metadata.get("seed", 0))
+    meta = resplit_cache(args.cache, fractions, seed)
+    counts = ", ".join(f"{name} {meta['split_counts'].get(name, 0)}" for name in fractions)
+    print(f"split {args.cache} by patient (seed {seed}): {counts} images; cache fingerprint {meta['cache_fingerprint']}")
     return 0

@@ -68,7 +68,8 @@ def training(local_rank: int, config, resume: str = "") -> dict:
 
     from dicom_preprocess import open_cache
     from medmoco.config import flatten, to_dict
-    from medmoco.engines.common import RNGState, attach_checkpointing, attach_progress, device_for, resume_from
+    from medmoco.engines.common import (RNGState, attach_checkpointing, attach_progress, device_for, resume_from,
+                                       run_or_complete)
     from medmoco.engines.knn import knn_monitor
     from medmoco.engines.pretrain import create_pretrainer, get_dataflow, in_channels, initialize
     from medmoco.models import export_backbone
@@ -132,7 +133,7 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     scheduler.attach(trainer)  # after the epoch was logged at its own lr
     attach_checkpointing(trainer, to_save, config.run_dir, config.keep_checkpoints)  # after the lr step
     attach_progress(trainer, config.progress)
-    trainer.run(loader, max_epochs=config.epochs)
+    run_or_complete(trainer, loader, config.epochs)
     idist.barrier()
     return {"history": tracking.history, "run_id": tracker.run_id, "export": export_path, "epochs": trainer.state.epoch}
 

@@ -19,16 +19,19 @@ REAL_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def _hermetic_mlflow_uri():
     """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; no test may leave it
     behind for the next one (a later subprocess would talk to a server that is gone)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
+        import mlflow.tracking._model_registry.utils as mlflow_registry_uri
         import mlflow.tracking._tracking_service.utils as mlflow_uri
 
         mlflow_uri._tracking_uri = None  # back to "environment, else default" for the next test
+        mlflow_registry_uri._registry_uri = None
     except ImportError:
         pass
 
@@ -67,11 +70,11 @@ def caches_equal(a, b) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_cache(archive, tmp_path_factory):
-    """32 px cache of the session archive, splits sized so train and test both hold labels."""
+    """32 px cache of the session archive, splits sized so train, val and test all hold labels."""
     out = str(tmp_path_factory.mktemp("tiny"))
     run_preprocess(PreprocessConfig(input=archive.images_dir, labels=archive.labels_csv, out=out, size=32,
                                     workers=1, files_per_shard=64,
-                                    split_fractions={"unsupervised": 0.4, "train": 0.4, "test": 0.2}),
+                                    split_fractions={"unsupervised": 0.4, "train": 0.3, "val": 0.15, "test": 0.15}),
                    progress=False)
     return out
 
@@ -103,7 +106,7 @@ def pretrain_settings(cache: str, run_dir: str, db: str, **over) -> dict:
 
 @pytest.fixture(scope="session")
 def cls_archive(tmp_path_factory):
-    """16 patients of small series (128 px) so that the train and test splits hold positives."""
+    """16 patients of small series (128 px) so that the train, val and test splits hold positives."""
     return synthesize(str(tmp_path_factory.mktemp("cls-synth")), patients=16, seed=3, slices_per_series=(4, 6),
                       rows=128)
 
@@ -113,7 +116,7 @@ def cls_cache(cls_archive, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cls-cache"))
     run_preprocess(PreprocessConfig(input=cls_archive.images_dir, labels=cls_archive.labels_csv, out=out, size=32,
                                     workers=1, files_per_shard=64,
-                                    split_fractions={"unsupervised": 0.3, "train": 0.4, "test": 0.3}),
+                                    split_fractions={"unsupervised": 0.2, "train": 0.4, "val": 0.2, "test": 0.2}),
                    progress=False)
     return out
 
@@ -140,24 +143,78 @@ def finetune_settings(cache: str, run_dir: str, db: str, **over) -> dict:
     return data
 
 
-def kill_in_epoch_3_then_resume(stage: str, config: str, run_dir, finished, delay: float) -> None:
-    """Run ``medmoco STAGE --config CONFIG``, SIGKILL it ``delay`` s after checkpoint 2 is written
-    (inside epoch 3), check that ``finished`` (what only a complete run writes) is not there, and
-    rerun it with ``--resume auto``."""
-    import signal
+def kill_at_iterations_then_resume(stage: str, config: str, finished, kills: list[int]) -> None:
+    """Run ``medmoco STAGE --config CONFIG`` in a process that SIGKILLs itself right after iteration
+    ``kills[0]`` (the engines' failpoint), then again with ``--resume auto`` killed at ``kills[1]``,
+    and so on; after each kill, check that the process died by SIGKILL and that ``finished`` (what
+    only a complete run writes) is not there. The final resume is the caller's to run."""
     import subprocess
     import sys
-    import time
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "medmoco", stage, "--config", config]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo)
-    target = os.path.join(str(run_dir), "checkpoints", "checkpoint_2.pt")
-    deadline = time.time() + 300
-    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(finished), "the run finished before it was killed"
-    subprocess.run(cmd + ["--resume", "auto"], check=True, capture_output=True, cwd=repo)
+    for i, at in enumerate(kills):
+        cmd = [sys.executable, "-m", "medmoco", stage, "--config", config] + (["--resume", "auto"] if i else [])
+        env = {**os.environ, "MEDMOCO_FAILPOINT_KILL_AT_ITERATION": str(at)}
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+        assert result.returncode == -9, f"not killed at iteration {at} ({result.returncode}): {result.stderr[-2000:]}"
+        assert not os.path.exists(finished), f"the run finished before iteration {at}"
+
+
+def replayed_steps(kills: list[int], iterations_per_epoch: int, total: int) -> list[int]:
+    """The iteration steps a run killed after each of ``kills`` and resumed from its last epoch
+    checkpoint logs, in order: the iterations between a checkpoint and a kill appear twice."""
+    steps, start = [], 1
+    for at in kills:
+        steps += list(range(start, at))  # the kill comes before iteration `at` is logged
+        start = (at - 1) // iterations_per_epoch * iterations_per_epoch + 1
+    return steps + list(range(start, total + 1))
+
+
+IDENTITY = {"PatientName": "Doe^Janet^Q", "PatientBirthDate": "19471103", "AccessionNumber": "ACC99812345",
+            "InstitutionName": "St Elsewhere General", "ReferringPhysicianName": "Kildare^James",
+            "OtherPatientIDs": "MRN-55501234", "PatientAddress": "12 Elm Street Springfield"}
+
+
+@pytest.fixture(scope="session")
+def easy_archive(tmp_path_factory):
+    """An easy task: large intraparenchymal blood only (so `any` is the same task), 64 px slices;
+    a model learns it in a few epochs. The files carry identifying tags that no output may show."""
+    import pydicom
+
+    archive = synthesize(str(tmp_path_factory.mktemp("easy")), patients=24, seed=11, slices_per_series=(4, 6), rows=64,
+                         lesion_scale=3.0, subtypes=("intraparenchymal",), hemorrhage_rate=0.6)
+    for name in os.listdir(archive.images_dir):
+        path = os.path.join(archive.images_dir, name)
+        ds = pydicom.dcmread(path)
+        for keyword, value in IDENTITY.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def easy_cache(easy_archive, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("easy-cache"))
+    run_preprocess(PreprocessConfig(input=easy_archive.images_dir, labels=easy_archive.labels_csv, out=out, size=32,
+                                    workers=1, files_per_shard=128,
+                                    split_fractions={"unsupervised": 0.1, "train": 0.5, "val": 0.2, "test": 0.2}),
+                   progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def easy_models(easy_cache, tmp_path_factory):
+    """Two fine-tuning runs on the easy task, tracked in one SQLite store: ``learned`` (Adam, a
+    few epochs) and ``chance`` (the same network, an lr of 1e-12: its random initialisation)."""
+    from medmoco.config import FinetuneConfig, load_config
+    from pipelines.finetune import training
+
+    tmp = tmp_path_factory.mktemp("easy-runs")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    runs = {}
+    for name, epochs, optim in (("learned", 4, {"name": "adam", "lr": 0.05}),
+                                ("chance", 1, {"name": "sgd", "lr": 1e-12, "momentum": 0.0})):
+        data = finetune_settings(easy_cache, str(tmp / name), "unused", mode="scratch", epochs=epochs, optim=optim)
+        data["tracking"] = {"uri": uri, "experiment": "easy"}
+        runs[name] = training(0, load_config(FinetuneConfig, None, data))
+    return {"uri": uri, "runs": runs, "tmp": tmp}

@@ -34,19 +34,22 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1:``port`` over ``workdir/server.db``; start() and stop() as often
     as a test needs (the store survives: same database and artifact folder)."""
 
-    def __init__(self, workdir, port: int | None = None):
+    def __init__(self, workdir, port: int | None = None, app_name: str = "", env: dict | None = None):
         self.workdir = str(workdir)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        self.app_name = app_name  # "basic-auth": MLflow's users and permissions
+        self.env = env or {}
 
     def start(self) -> "MlflowServer":
+        app = ["--app-name", self.app_name] if self.app_name else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{os.path.join(self.workdir, 'server.db')}",
-             "--artifacts-destination", os.path.join(self.workdir, "server-artifacts")],
+             "--artifacts-destination", os.path.join(self.workdir, "server-artifacts")] + app,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.workdir,
-            start_new_session=True)  # its own process group: stop() takes its workers too
+            env={**os.environ, **self.env}, start_new_session=True)  # its own process group: stop() takes its workers
         wait_http(f"{self.uri}/health", self.proc)
         return self
 

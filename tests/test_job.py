@@ -92,12 +92,13 @@ def test_patient_splits_follow_fractions_on_many_patients():
 
     rng = np.random.default_rng(0)
     patients = pd.Series(np.repeat([f"P{i}" for i in range(2000)], rng.integers(10, 60, 2000)))
-    splits = patient_splits(patients, {"unsupervised": 0.75, "train": 0.2, "test": 0.05}, seed=3)
+    fractions = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0.05}
+    splits = patient_splits(patients, fractions, seed=3)
     shares = pd.Series(splits).value_counts(normalize=True)
-    assert abs(shares["unsupervised"] - 0.75) < 0.02 and abs(shares["test"] - 0.05) < 0.01
+    for name, share in fractions.items():
+        assert abs(shares[name] - share) < 0.02, name
     assert pd.DataFrame({"p": patients, "s": splits}).groupby("p").s.nunique().max() == 1
-    np.testing.assert_array_equal(splits, patient_splits(patients, {"unsupervised": 0.75, "train": 0.2,
-                                                                    "test": 0.05}, seed=3))
+    np.testing.assert_array_equal(splits, patient_splits(patients, fractions, seed=3))
     any_label = pd.Series((rng.random(10000) < 0.14).astype(int))
     mask = label_subset(any_label, 0.2, seed=0)
     assert mask.sum() == round(0.2 * (any_label == 0).sum()) + round(0.2 * (any_label == 1).sum())
@@ -193,7 +194,7 @@ def test_cli_preprocess_and_open_cache(archive, tmp_path):
                              "--input", archive.images_dir, "--labels", archive.labels_csv, "--out", str(out),
                              "--size", "32", "--workers", "2", "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "images cached" in result.stdout
+    assert "cache complete: 67 images, 0 inputs skipped" in result.stdout
     assert open_cache(str(out))[0].shape == (3, 32, 32)
     bad = subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", archive.images_dir,
                           "--out", str(tmp_path / "x"), "--set", "sizee=3"], capture_output=True, text=True)
@@ -235,7 +236,8 @@ def test_decoder_messages_name_their_file_instead_of_reaching_the_console(tmp_pa
         shutil.copyfile(path, src / name)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", str(src), "--out", str(out),
-                             "--size", "32", "--workers", "2", "--quiet"], capture_output=True, text=True)
+                             "--size", "32", "--workers", "2", "--modalities", "", "--quiet"], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     for said in ("Unsupported JPEG data precision", "Invalid number of tiles"):
         assert said not in result.stderr

@@ -46,7 +46,7 @@ def test_no_identifying_tag_reaches_any_output(identified_archive, cls_archive, 
     monkeypatch.chdir(tmp_path)
     cache = str(tmp_path / "cache")
     run_preprocess(PreprocessConfig(input=identified_archive, labels=cls_archive.labels_csv, out=cache, size=32,
-                                    workers=1, split_fractions={"unsupervised": 0.3, "train": 0.4, "test": 0.3}),
+                                    workers=1, split_fractions={"unsupervised": 0.2, "train": 0.4, "val": 0.2, "test": 0.2}),
                    progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = finetune_settings(cache, str(tmp_path / "run"), "x", mode="scratch", epochs=1)

@@ -147,3 +147,41 @@ def test_nifti_and_mha_volumes_are_read_as_axial_slices(tmp_path):
     slices = list(read_volume(str(tmp_path / "head.mha")))
     assert len(slices) == 5
     np.testing.assert_array_equal(slices[3].hu, volume[:, :, 3])
+
+
+def _outcome(path, use_fast: bool, monkeypatch):
+    import dicom_preprocess.reader as reader
+
+    if not use_fast:
+        monkeypatch.setattr(reader, "fast_dataset", lambda raw: None)
+    try:
+        image = read_dicom(path, modalities=None)
+    except SkipImage as err:
+        return ("skip", str(err))
+    finally:
+        monkeypatch.undo()
+    return ("slice", image.image_id, image.patient_id, image.study_uid, image.series_uid, repr(image.z),
+            image.code_map.key(), image.invert, tuple(image.notes), image.codes.tobytes())
+
+
+def test_the_fast_header_path_reads_exactly_what_pydicom_reads(archive, real_sample_dir, tmp_path, monkeypatch):
+    """Every file read with the fast header reader gives the slice pydicom's path gives, and every
+    rejection has pydicom's reason; RSNA-like files (synthetic and real) all take the fast path."""
+    from pydicom.data import get_testdata_files
+
+    from dicom_preprocess.fastheader import fast_dataset
+
+    from .hostile import fuzz_corpus
+
+    rsna = sorted(glob.glob(os.path.join(archive.images_dir, "*.dcm"))) + \
+        sorted(glob.glob(os.path.join(real_sample_dir, "*.dcm")))
+    squares = [p for p in rsna[: len(rsna) - 32] if read_dicom(p).shape[0] == read_dicom(p).shape[1]][:4]
+    corpus = fuzz_corpus(squares, str(tmp_path / "corpus"), seed=3, flips=40)
+    others = sorted(get_testdata_files("*.dcm")) + [str(tmp_path / "corpus" / item.name) for item in corpus]
+    fast_served = 0
+    for path in rsna + others:
+        with_fast, pydicom_only = _outcome(path, True, monkeypatch), _outcome(path, False, monkeypatch)
+        assert with_fast == pydicom_only, path
+        fast_served += fast_dataset(open(path, "rb").read()) is not None and with_fast[0] == "slice"
+    assert all(fast_dataset(open(path, "rb").read()) is not None for path in rsna)
+    assert fast_served >= len(rsna)

@@ -1,5 +1,6 @@
-"""Registry: register -> load models:/rsna-ich-moco@candidate -> predict, against the embedded store
-and a real `mlflow server` process; model card and tags; the promotion guard; `mlflow models serve`."""
+"""Registry: register -> load models:/rsna-ich-moco-candidates@candidate -> predict, against the
+embedded store and a real `mlflow server` process; model card and tags; `mlflow models serve`.
+Comparison and promotion: tests/test_review.py; roles and audit: tests/test_registry_access.py."""
 import base64
 import glob
 import json
@@ -17,12 +18,13 @@ from dicom_preprocess import SUBTYPES
 from medmoco.config import FinetuneConfig, load_config
 from pipelines.evaluate import evaluate, predict
 from pipelines.finetune import training
-from pipelines.register import promote, register, versions_table
+from pipelines.register import register
 
 from .conftest import finetune_settings
 from .servers import MlflowServer, free_port, wait_http
 
 NAME = "rsna-ich-moco"
+CANDIDATES = "rsna-ich-moco-candidates"  # `medmoco register` writes candidates; promotion releases into NAME
 
 
 def _finetune_run(cache, run_dir, uri, seed=0, epochs=1, mode="scratch"):
@@ -36,7 +38,7 @@ def _load(uri):
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+    return mlflow.pyfunc.load_model(f"models:/{CANDIDATES}@candidate")
 
 
 def _eval_probs(model_file, cache, tmp_path):
@@ -72,16 +74,18 @@ def test_registration_is_quiet(embedded):
     assert not [w for w in embedded["warnings"] if "type hint" in w.lower()], embedded["warnings"]
 
 
-def test_registered_model_predicts_dicoms_like_evaluate(embedded, cls_cache, cls_archive, tmp_path):
-    monkey_env = os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
-    try:
-        loaded = _load(embedded["uri"])
-    finally:
-        if monkey_env is not None:
-            os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = monkey_env
+def test_registered_model_predicts_dicoms_like_evaluate(embedded, cls_cache, cls_archive, tmp_path, monkeypatch):
+    # MLflow 3.17 allows pickle unless told otherwise: forbid it, as a cautious deployment would
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    loaded = _load(embedded["uri"])
     reference = _eval_probs(embedded["runs"][0]["model"], cls_cache, tmp_path)
     files = sorted(glob.glob(os.path.join(cls_archive.images_dir, "*.dcm")))[:6]
-    _check_against_evaluate(loaded, files, reference)
+    by_bytes = _check_against_evaluate(loaded, files, reference)
+    # a plain list (or Series) of paths, as users call a pyfunc
+    np.testing.assert_array_equal(loaded.predict(files).to_numpy(), by_bytes.to_numpy())
+    np.testing.assert_array_equal(loaded.predict(pd.Series(files)).to_numpy(), by_bytes.to_numpy())
+    with pytest.raises(Exception, match="none of the accepted columns.*dicom.*path.*tensor"):
+        loaded.predict(pd.DataFrame({"paht": files}))  # misspelled: an error, not an empty result
     # already-windowed uint8 tensors, straight from the cache
     from dicom_preprocess import open_cache
     import io
@@ -99,6 +103,29 @@ def test_registered_model_predicts_dicoms_like_evaluate(embedded, cls_cache, cls
     np.testing.assert_allclose(out.to_numpy(), expected, atol=2e-6)
 
 
+def test_a_pickled_pyfunc_is_refused_where_the_registered_model_loads(embedded, monkeypatch, tmp_path):
+    """With MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false a cloudpickled model does not load; ours does
+    (the previous test predicts with it under the same setting)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from medmoco.tracking import tracking_uri_scope
+
+    class Pickled(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[str], params=None) -> list[str]:
+            return model_input
+
+    with tracking_uri_scope(embedded["uri"]), mlflow.start_run():
+        logged = mlflow.pyfunc.log_model(name="pickled", python_model=Pickled())
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with tracking_uri_scope(embedded["uri"]):
+        with pytest.raises(MlflowException, match="pickle is disallowed"):
+            mlflow.pyfunc.load_model(logged.model_uri)
+        assert mlflow.pyfunc.load_model(f"models:/{CANDIDATES}@candidate") is not None
+        monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+        assert mlflow.pyfunc.load_model(logged.model_uri).predict(["x"]) == ["x"]  # the setting is what refused it
+
+
 def test_registered_model_on_the_real_rsna_sample(embedded, real_sample_dir, tmp_path):
     loaded = _load(embedded["uri"])
     predict(embedded["runs"][0]["model"], real_sample_dir, str(tmp_path / "sub.csv"))
@@ -108,46 +135,25 @@ def test_registered_model_on_the_real_rsna_sample(embedded, real_sample_dir, tmp
     _check_against_evaluate(loaded, files, reference)
 
 
-def test_version_description_and_tags_hold_the_run_metrics(embedded):
+def test_version_description_and_tags_hold_the_test_figures_with_intervals(embedded):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=embedded["uri"], registry_uri=embedded["uri"])
-    version = client.get_model_version(NAME, str(embedded["version"]))
+    version = client.get_model_version(CANDIDATES, str(embedded["version"]))
     run = client.get_run(embedded["runs"][0]["run_id"])
     for c in list(SUBTYPES) + ["mean"]:
-        expected = run.data.metrics.get(f"best_auc_{c}", float("nan"))
+        expected = run.data.metrics.get(f"test_auc_{c}", float("nan"))
         got = float(version.tags[f"auc_{c}"])
         assert (np.isnan(expected) and np.isnan(got)) or got == pytest.approx(expected, abs=1e-6), c
+    assert float(version.tags["auc_mean_ci_low"]) == pytest.approx(run.data.metrics["test_auc_mean_ci_low"], abs=1e-6)
     assert version.tags["mode"] == "scratch" and version.tags["label_fraction"] == "1.0"
-    assert version.tags["cache_fingerprint"] and version.tags["source_commit"]
-    assert "research only" in version.description and "| any |" in version.description
-    assert f"{run.data.metrics['best_auc_mean']:.4f}" in version.description
-    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == str(embedded["version"])
-
-
-def test_promotion_guard_refuses_a_worse_version(embedded):
-    from dicom_preprocess.config import ConfigError
-
-    uri = embedded["uri"]
-    second = register(embedded["runs"][1]["run_id"], NAME, "", uri)["version"]
-    table = {row["version"]: row["auc_mean"] for row in versions_table(NAME, uri)}
-    better, worse = sorted([embedded["version"], second], key=lambda v: table[v], reverse=True)
-    assert table[better] != table[worse]
-    promote(NAME, better, "champion", tracking_uri=uri)
-    with pytest.raises(ConfigError, match="below champion"):
-        promote(NAME, worse, "champion", tracking_uri=uri)
-    with pytest.raises(ConfigError, match="--reason"):
-        promote(NAME, worse, "champion", force=True, tracking_uri=uri)
-    promote(NAME, worse, "champion", force=True, reason="reader study on site B", tracking_uri=uri)
-    rows = {row["version"]: row for row in versions_table(NAME, uri)}
-    assert "champion" in rows[worse]["aliases"]
-    from mlflow.tracking import MlflowClient
-
-    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(NAME, str(worse)).tags
-    assert tags["champion_override_reason"] == "reader study on site B"
-    out = subprocess.run([sys.executable, "-m", "medmoco", "review", "--name", NAME, "--tracking-uri", uri],
-                         capture_output=True, text=True, check=True)
-    assert "AUC mean" in out.stdout and "champion" in out.stdout
+    assert version.tags["cache_fingerprint"] and version.tags["source_commit"] and version.tags["test_split_fingerprint"]
+    assert version.tags["selected_epoch"] == run.data.params["selected_epoch"]
+    card = version.description
+    assert "research only" in card and "| any |" in card and "95% CI" in card and "threshold" in card
+    assert f"{run.data.metrics['test_auc_mean']:.3f}** [{run.data.metrics['test_auc_mean_ci_low']:.3f}" in card
+    assert "chosen on `val`" in card
+    assert str(client.get_model_version_by_alias(CANDIDATES, "candidate").version) == str(embedded["version"])
 
 
 @pytest.mark.slow
@@ -166,7 +172,7 @@ def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, t
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         env.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
-        serve = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate",
+        serve = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{CANDIDATES}@candidate",
                                   "--env-manager", "local", "--host", "127.0.0.1", "-p", str(serve_port)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, timeout=180)

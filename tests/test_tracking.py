@@ -160,9 +160,15 @@ def test_tracking_uri_scope_restores_the_environment(tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = mlflow.get_tracking_uri()
     with tracking_uri_scope(f"sqlite:///{tmp_path}/x.db") as uri:
-        assert os.environ["MLFLOW_TRACKING_URI"] == uri == mlflow.get_tracking_uri()
-    assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri == mlflow.get_tracking_uri() == mlflow.get_registry_uri()
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/y.db")  # later settings still take effect
+    assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path}/y.db"
 
 
 def test_metric_history_falls_back_to_this_process_when_offline(tmp_path, fast_fail):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from ..transforms.views import view_seed
+from ..transforms.views import plain_tensor, view_seed
 
 
 class CacheSliceDataset(Dataset):
@@ -71,7 +71,7 @@ class LabeledDataset(Dataset):
         image = self.base.image(i)
         if self.transform is not None:
             self.transform.set_random_state(seed=view_seed(self.seed, epoch, i))
-            image = torch.as_tensor(self.transform({"image": image})["image"])
+            image = plain_tensor(self.transform({"image": image})["image"])
         else:
             image = image.float().div_(255.0)
         return {"image": image, "label": torch.from_numpy(self.labels[i]),

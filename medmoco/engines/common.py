@@ -241,3 +241,29 @@ def attach_progress(trainer: Engine, enabled: bool) -> None:
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+
+
+def run_or_complete(trainer: Engine, data, max_epochs: int):
+    """``trainer.run(data, max_epochs)``, except for a run resumed from the checkpoint of its last
+    epoch (killed while exporting or reporting): ignite's ``run`` treats a finished state as a new
+    run and trains again from epoch 0, so here only the ``COMPLETED`` handlers run."""
+    if 0 < max_epochs <= trainer.state.epoch:
+        log.warning("training finished before (epoch %d of %d); completing the run", trainer.state.epoch, max_epochs)
+        trainer.fire_event(Events.COMPLETED)
+        return trainer.state
+    return trainer.run(data, max_epochs=max_epochs)
+
+
+FAILPOINT_KILL_AT_ITERATION = "MEDMOCO_FAILPOINT_KILL_AT_ITERATION"
+
+
+def attach_failpoints(trainer: Engine) -> None:
+    """Fault injection for the kill-and-resume tests, read once: with
+    ``MEDMOCO_FAILPOINT_KILL_AT_ITERATION=N`` the process SIGKILLs itself right after iteration N
+    (before that iteration is logged), as an OOM killer or a lost node would. Unset in normal use."""
+    import signal
+
+    at = int(os.environ.get(FAILPOINT_KILL_AT_ITERATION, "0") or 0)
+    if at > 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=at), lambda engine: os.kill(os.getpid(),
+                                                                                                signal.SIGKILL))

@@ -1,12 +1,13 @@
 """kNN monitor: how well the query backbone's features separate hemorrhage, without training a head.
 
-Embed a small labeled subset (the labeled train and test slices, capped) with the backbone in
+Embed a small labeled subset (the labeled train and val slices, capped: never test, which is
+read once, at the end of fine-tuning) with the backbone in
 eval mode; each slice scores each subtype by the similarity-weighted vote of its k nearest
 labeled slices *of other patients* (adjacent slices of one series are near-duplicates, so
 same-patient neighbours would flatter the monitor); cosine similarity, weights exp(s / 0.07) as
-in the InstDisc/MoCo monitors. Per-class ROC AUC (:func:`medmoco.metrics.per_class_auc`) of those scores and their mean;
-chance is 0.5. Leave-patient-out keeps the monitor defined when a small test split has no
-positives of a class.
+in the InstDisc/MoCo monitors. Per-class ROC AUC (:func:`medmoco.metrics.per_class_auc`) of those
+scores and their mean; chance is 0.5. Leave-patient-out keeps the monitor defined when a small
+split has no positives of a class.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 
 def knn_monitor(backbone: torch.nn.Module, cache, device, samples: int = 2000, k: int = 20, seed: int = 0,
                 context: int = 0) -> dict[str, float]:
-    """Leave-patient-out kNN AUC per subtype over up to ``samples`` labeled train/test slices."""
-    idx = np.concatenate([cache.indices(split, labeled=True) for split in ("train", "test")
-                          if split in set(cache.manifest["split"])])
+    """Leave-patient-out kNN AUC per subtype over up to ``samples`` labeled train/val slices."""
+    present = set(cache.manifest["split"])
+    idx = np.concatenate([cache.indices(split, labeled=True) for split in ("train", "val") if split in present]
+                         or [np.zeros(0, dtype=np.int64)])
     if len(idx) < 2:
         return {}
     rng = np.random.default_rng(seed)

@@ -23,7 +23,8 @@ from ..config import PretrainConfig
 from ..data.datasets import CacheSliceDataset, ContrastiveDataset, EpochSampler
 from ..models import build_moco
 from ..transforms.views import BatchViewAugment, TwoViews, monai_view_transform, view_seed
-from .common import EpochStatistics, autocast, build_optimizer_and_scheduler, device_for, grad_scaler
+from .common import (EpochStatistics, attach_failpoints, autocast, build_optimizer_and_scheduler, device_for,
+                     grad_scaler)
 
 log = logging.getLogger(__name__)
 
@@ -103,4 +104,5 @@ def create_pretrainer(model, optimizer, scaler, config: PretrainConfig) -> Engin
 
     trainer = Engine(step)
     EpochStatistics(optimizer).attach(trainer)
+    attach_failpoints(trainer)
     return trainer

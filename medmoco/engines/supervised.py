@@ -28,7 +28,8 @@ from ..config import FinetuneConfig
 from ..data.datasets import CacheSliceDataset, EpochSampler, LabeledDataset
 from ..models import build_classifier
 from ..transforms.supervised import prepare_images, supervised_transform
-from .common import EpochStatistics, autocast, build_optimizer_and_scheduler, device_for, grad_scaler
+from .common import (EpochStatistics, attach_failpoints, autocast, build_optimizer_and_scheduler, device_for,
+                     grad_scaler)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def create_supervised_trainer(model, optimizer, scaler, config: FinetuneConfig) 
 
     trainer = Engine(step)
     EpochStatistics(optimizer).attach(trainer)
+    attach_failpoints(trainer)
     return trainer
 
 
@@ -121,9 +123,10 @@ class BestEpoch:
         save: (epoch, metrics) -> None, called on rank 0 when the epoch is the best so far.
         prefix: names of the logged figures (``<prefix>_auc_mean``, ...).
 
-    The score is the mean AUC, else (no class with both labels) minus the weighted log loss. The
-    split's figures go into ``engine.state.epoch_metrics``; the best score and epoch are
-    checkpointed (``state_dict``), so a resumed run keeps choosing correctly.
+    The score is the mean AUC, else (no class with both labels) minus the weighted log loss; it is
+    left in ``engine.state.selection_score`` for early stopping. The split's figures go into
+    ``engine.state.epoch_metrics``; the best score and epoch are checkpointed (``state_dict``), so
+    a resumed run keeps choosing correctly.
     """
 
     def __init__(self, evaluate, save, prefix: str):
@@ -137,6 +140,7 @@ class BestEpoch:
         metrics = self.evaluate()
         engine.state.epoch_metrics.update({f"{self.prefix}_{k}": v for k, v in metrics.items() if k != "n_images"})
         score = metrics["auc_mean"] if not np.isnan(metrics["auc_mean"]) else -metrics["weighted_logloss"]
+        engine.state.selection_score = score
         if score > self.score:
             self.score, self.epoch = score, engine.state.epoch
             if idist.get_rank() == 0:

@@ -4,7 +4,11 @@ File format (``torch.save`` of plain containers, loads with ``weights_only=True`
 
     {"format": "medmoco-classifier/1", "arch", "in_channels", "context", "image_size",
      "classes": [six subtypes], "mode", "preprocess": {windows, window_mode, size, pad_value_hu,
-     resize, cache_fingerprint}, "meta": {...}, "state_dict": {...}}
+     resize, cache_fingerprint}, "meta": {...}, "state_dict": {...},
+     "operating_points": {"split": "val", "target_sensitivity": 0.9, "thresholds": {class: t}}}
+
+``operating_points`` (optional; files of earlier versions have none) are the per-class thresholds
+chosen on the validation split before the test split was read; `medmoco evaluate` applies them.
 
 ``preprocess`` is the cache's recorded preprocessing, so raw DICOMs can be prepared exactly as the
 training data were (``medmoco predict`` and the registered MLflow model).
@@ -22,7 +26,8 @@ from .backbones import create_backbone, feature_size
 from .export import load_backbone_state, read_weights
 
 FORMAT = "medmoco-classifier/1"
-PREPROCESS_KEYS = ("windows", "window_mode", "size", "pad_value_hu", "resize", "cache_fingerprint", "channels")
+PREPROCESS_KEYS = ("windows", "window_mode", "size", "pad_value_hu", "resize", "cache_fingerprint", "channels",
+                   "modalities")
 
 
 class Classifier(nn.Module):
@@ -58,7 +63,8 @@ def build_classifier(arch: str, in_channels: int, mode: str, pretrained: str | d
 
 
 def save_classifier(model: nn.Module, path: str, arch: str, in_channels: int, context: int, image_size: int,
-                    mode: str, preprocess: dict, meta: dict | None = None) -> str:
+                    mode: str, preprocess: dict, meta: dict | None = None,
+                    operating_points: dict | None = None) -> str:
     from dicom_preprocess import SUBTYPES
 
     model = getattr(model, "module", model)
@@ -67,7 +73,20 @@ def save_classifier(model: nn.Module, path: str, arch: str, in_channels: int, co
                "preprocess": {k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess},
                "meta": dict(meta or {}),
                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    if operating_points:
+        payload["operating_points"] = operating_points
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as handle:
+        torch.save(payload, handle)
+    return path
+
+
+def set_operating_points(path: str, operating_points: dict) -> str:
+    """Record the thresholds in an existing classifier file (atomically)."""
+    from .export import read_weights
+
+    payload = read_weights(path)
+    payload["operating_points"] = operating_points
     with atomic_file(path) as handle:
         torch.save(payload, handle)
     return path

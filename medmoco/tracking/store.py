@@ -36,28 +36,42 @@ def resolve_tracking_uri(uri: str = "") -> str:
 
 @contextmanager
 def tracking_uri_scope(uri: str) -> Iterator[str]:
-    """Point MLflow's fluent API (``mlflow.start_run``, ``register_model``) at ``uri`` for a block.
+    """Point MLflow's fluent API (``mlflow.start_run``, ``register_model``, ``models:/`` downloads)
+    at ``uri`` for a block, tracking and registry both.
 
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (MLflow
-    does so that subprocesses inherit it), so a stage that set it and returned would redirect
-    every later command of the same process and its children. This restores both.
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write ``MLFLOW_TRACKING_URI`` /
+    ``MLFLOW_REGISTRY_URI`` into ``os.environ`` (so that subprocesses inherit them), and MLflow has
+    no public way to unset them: a stage that set them and returned would redirect every later
+    command of the same process and its children. This restores the variables and MLflow's own
+    module-level settings (private names; with a MLflow that lacks them, the public setters).
     """
     import mlflow
 
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    before_tracking, before_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        import mlflow.tracking._model_registry.utils as registry_state
+        import mlflow.tracking._tracking_service.utils as tracking_state
+    except ImportError:  # pragma: no cover - another MLflow layout
+        registry_state = tracking_state = None
+    env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_state, "_tracking_uri", None), getattr(registry_state, "_registry_uri", None))
+    public = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     resolved = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     try:
         yield resolved
     finally:
-        mlflow.set_tracking_uri(before_tracking)
-        mlflow.set_registry_uri(before_registry)
-        if before_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before_env
+        if tracking_state is not None and hasattr(tracking_state, "_tracking_uri") and \
+                hasattr(registry_state, "_registry_uri"):
+            tracking_state._tracking_uri, registry_state._registry_uri = saved
+        else:  # pragma: no cover
+            mlflow.set_tracking_uri(public[0])
+            mlflow.set_registry_uri(public[1])
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def client(uri: str = ""):
@@ -115,9 +129,12 @@ def fetch_artifact(spec: str, filename: str, run_subpath: str, tracking_uri: str
     uri = spec
     if spec.startswith("runs:/") and len(spec[len("runs:/"):].strip("/").split("/")) == 1:
         uri = f"{spec.rstrip('/')}/{run_subpath}"
-    store = resolve_tracking_uri(tracking_uri)  # passed, not set: set_tracking_uri leaks into os.environ
+    store = resolve_tracking_uri(tracking_uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, registry_uri=store)
+        # A models:/ URI is resolved by MLflow's registry client of the process-wide registry URI,
+        # whatever download_artifacts is passed: scope both URIs to this store for the call.
+        with tracking_uri_scope(store):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=store, registry_uri=store)
     except Exception as err:
         raise LookupError(f"cannot fetch {uri} from MLflow at {store} ({str(err)[:200]})") from None
     if os.path.isfile(local):

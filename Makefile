@@ -21,8 +21,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m pipelines.demo --workdir demo-run
 
+# Two pytest workers (pytest-xdist), one file per worker at a time so that a file's session
+# fixtures (archive, cache) are built once per worker; conftest pins torch to one thread each.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 # The label-efficiency experiment on CPU (README section 4): data, pretraining, then the trials.
 # Each step resumes or is skipped when its output exists.

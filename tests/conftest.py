@@ -12,6 +12,15 @@ from dicom_preprocess.job import run_preprocess
 from dicom_preprocess.synthetic import synthesize
 
 warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on a 2-core CI machine: one torch thread each, or the
+    # two workers' intra-op thread pools oversubscribe the same two cores. The variable carries
+    # the same setting into the subprocesses a test starts: the kill/resume tests compare a run in
+    # this process with one in a subprocess exactly, and float sums differ between thread counts.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 REAL_SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rsna-stage2-sample")
 
 

@@ -1,7 +1,6 @@
 """Windowed output equals an independent numpy computation from the phantom's HU."""
 import glob
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -6,4 +6,5 @@ from .moco import MOCO_VERSIONS, MoCo, build_moco, check_queue_batch
 from .split_bn import SplitBatchNorm2d, convert_split_bn
 
 __all__ = ["BACKBONES", "create_backbone", "MoCo", "build_moco", "check_queue_batch", "MOCO_VERSIONS",
-           "SplitBatchNorm2d", "Classifier", "build_classifier", "load_classifier", "save_classifier", "convert_split_bn", "export_backbone", "load_backbone_state"]
+           "SplitBatchNorm2d", "convert_split_bn", "Classifier", "build_classifier", "load_classifier",
+           "save_classifier", "export_backbone", "load_backbone_state"]

@@ -54,12 +54,17 @@ def markdown(table: pd.DataFrame, differences: pd.DataFrame | None = None) -> st
     """Both tables as Markdown (mean ± std over trials; paired differences with their interval)."""
     head = "| mode | fraction | " + " | ".join(c[4:] for c in AUC_COLUMNS) + " | trials |"
     lines = [head, "|" + "---|" * (len(AUC_COLUMNS) + 3)]
+    undefined = False
     for _, row in table.iterrows():
         cells = []
         for c in AUC_COLUMNS:
-            sd = row[c + "_std"]
-            cells.append(f"{row[c + '_mean']:.3f} ± {0.0 if sd != sd else sd:.3f}")
+            mean, sd = row[c + "_mean"], row[c + "_std"]
+            undefined |= mean != mean
+            cells.append("n/a" if mean != mean else f"{mean:.3f} ± {0.0 if sd != sd else sd:.3f}")
         lines.append(f"| {row['mode']} | {row['label_fraction']:g} | " + " | ".join(cells) + f" | {row['trials']} |")
+    if undefined:
+        lines += ["", "n/a: the test split holds no positive (or no negative) slice of that class, so its AUC is "
+                      "undefined; the mean AUC averages the classes that have both."]
     if differences is not None and len(differences):
         lines += ["", "| mode − scratch | fraction | Δ test mean AUC | 95% CI (paired trials) | pairs |",
                   "|---|---|---|---|---|"]

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    import mlflow  # noqa: F401  (MLflow sets its logger's level when imported: import first, then quiet it)
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store set-up and signature checks log at INFO
 
     from dicom_preprocess.config import PreprocessConfig
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_preprocess.synthetic import synthesize
     from medmoco.comparison import markdown
     from medmoco.config import FinetuneConfig, PretrainConfig, load_config
+    from medmoco.models.export import backbone_arch
     from medmoco.tracking import client as mlflow_client
     from medmoco.tracking import recorded_run_id
     from pipelines import evaluate, finetune, pretrain, register, review
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(FinetuneConfig, os.path.join(REPO, "configs", "finetune", "cpu_demo.yaml"),
                              {"cache": paths["cache"], "run_dir": run_dir, "mode": mode,
                               "pretrained": backbone if mode != "scratch" else "", "progress": False,
+                              # the same network as the MoCo backbone, randomly initialised
+                              **({"arch": backbone_arch(backbone)} if mode == "scratch" else {}),
                               "tracking": {"uri": uri}})
         result = finetune.training(0, config, resume="auto")
         runs[mode] = result["run_id"]
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             versions[mode] = existing
         else:
             versions[mode] = register.register(runs[mode], name, "candidate" if mode == "finetune" else "", uri)["version"]
-    _done(t, f"{name} version {versions['scratch']} (scratch), version {versions['finetune']} (MoCo fine-tuned, "
-             f"alias candidate)")
+    _done(t, f"{name}-candidates version {versions['scratch']} (scratch), version {versions['finetune']} (MoCo "
+             "fine-tuned, alias candidate)")
 
     t = _stage(7, f"compare them on the same test images: version {versions['finetune']} (MoCo) against "
                   f"version {versions['scratch']} (scratch)")
@@ -143,17 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         _done(t, f"-> {paths['review']}/comparison.md, comparison.json, predictions_*.csv, cases/*.png; MLflow run "
                  f"{comparison['run_id']} in {review.REVIEW_EXPERIMENT}")
 
-    t = _stage(8, "promotion: scratch becomes champion, then the MoCo model must be non-inferior to replace it")
+    t = _stage(8, f"release: scratch becomes {name}@champion, then the MoCo model must be non-inferior to replace it")
     for mode in ("scratch", "finetune"):
         try:
             result = review.promote(name, str(versions[mode]), "champion", paths["cache"], "test",
-                                    out=os.path.join(paths["review"], f"promote-v{versions[mode]}"), tracking_uri=uri,
-                                    cases=0)
+                                    out=os.path.join(paths["review"], f"promote-candidate{versions[mode]}"),
+                                    tracking_uri=uri, cases=0)
             print(f"   {result['message']}")
         except review.PromotionRefused as err:
             print(f"   refused: {str(err).rpartition(chr(10))[2]}")
     print()
-    print(review.format_table(review.versions_table(name, uri)))
+    review.print_review(name, uri)
     _done(t, "review table above")
 
     print(f"\nDone in {time.perf_counter() - total:.0f} s. Everything is under {work}:")
@@ -166,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _versions_of_run(client, name: str, run_id: str) -> int | None:
+    from medmoco.tracking.access import candidates_name
+
     try:
-        found = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("source_run") == run_id]
+        found = [v for v in client.search_model_versions(f"name='{candidates_name(name)}'")
+                 if v.tags.get("source_run") == run_id]
     except Exception:
         return None
     return int(found[0].version) if found else None

@@ -12,11 +12,11 @@ are skipped when the command is rerun.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 
-from medmoco.config import ExperimentConfig  # noqa: F401 (the stage's schema)
 
 log = logging.getLogger("medmoco.experiment")
 
@@ -28,11 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", dest="tracking_uri")
 
 
-def trial_configs(exp: ExperimentConfig):
+def trial_configs(exp):
     """(name, FinetuneConfig) for every mode x fraction x trial, validated before anything runs."""
     from medmoco.config import FinetuneConfig, from_mapping, to_dict
+    from medmoco.models.export import backbone_arch
+    from pipelines.finetune import resolve_pretrained
 
     out = []
+    # scratch trains the pretrained backbone's architecture (FinetuneConfig.arch defaults to the
+    # pretrained file's, and scratch has none: it would otherwise be a ResNet-50 against a MoCo
+    # ResNet-18, and the table would compare architectures).
+    scratch_arch = exp.finetune.get("arch") or (
+        backbone_arch(resolve_pretrained(exp.pretrained, exp.tracking.uri)) if exp.pretrained else "")
     for mode in exp.modes:
         for fraction in exp.label_fractions:
             for trial in range(exp.trials):
@@ -40,12 +47,14 @@ def trial_configs(exp: ExperimentConfig):
                 data = {**exp.finetune, "cache": exp.cache, "mode": mode, "label_fraction": float(fraction),
                         "seed": trial, "run_dir": os.path.join(exp.run_dir, name),
                         "pretrained": exp.pretrained if mode != "scratch" else "",
+                        **({"arch": scratch_arch} if mode == "scratch" and scratch_arch else {}),
                         "tracking": {**exp.finetune.get("tracking", {}), **to_dict(exp.tracking), "run_name": name}}
                 out.append((name, mode, float(fraction), trial, from_mapping(FinetuneConfig, data, "experiment")))
     return out
 
 
-def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
+def run_experiment(exp, tracking_uri: str = "") -> dict:
+    """Every trial of ``exp`` (a :class:`medmoco.config.ExperimentConfig`), then the tables and plot."""
     from dicom_preprocess import SUBTYPES
     from dicom_preprocess.files import atomic_write_json
     from medmoco.label_efficiency import markdown, paired_differences, summarise
@@ -79,6 +88,11 @@ def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
                   "auc_mean_ci": m["auc_mean_ci"]}
         atomic_write_json(done, record)
         results.append(record)
+        # The finished trial's engine and loader iterators sit in reference cycles; collect them
+        # here, or the next trial's forked loader workers inherit them and their __del__ prints
+        # "can only test a child process" when a worker's garbage collector runs.
+        del out
+        gc.collect()
     table = summarise(results)
     differences = paired_differences(results) if "scratch" in exp.modes else None
     table.to_csv(os.path.join(exp.run_dir, "table.csv"), index=False)
@@ -98,7 +112,7 @@ def run_experiment(exp: ExperimentConfig, tracking_uri: str = "") -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmoco.config import load_config, parse_overrides
+    from medmoco.config import ExperimentConfig, load_config, parse_overrides
     from medmoco.label_efficiency import markdown
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

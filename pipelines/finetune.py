@@ -232,35 +232,23 @@ def training(local_rank: int, config, resume: str = "") -> dict:
 
 
 def test_selected_model(config, cache, model_path: str, val_rows, val_labels, device, tracker, epoch: int) -> dict:
-    """Fix the operating points on ``val``, then read ``test`` once with the selected model.
-
-    Every rank runs it (predictions are gathered); rank 0 writes the thresholds into the model
-    file and the report, and logs the ``test_*`` figures once (step = selected epoch).
-    """
+    """Operating points fixed on ``val``, then ``test`` read once (:func:`~medmoco.engines.supervised.
+    freeze_thresholds_then_test`); rank 0 writes the thresholds into the model file and the report,
+    and logs the ``test_*`` figures once (step = selected epoch)."""
     import ignite.distributed as idist
 
-    from medmoco.engines.supervised import predict_rows
-    from medmoco.evaluation import choose_thresholds, evaluate_split, flat_metrics
-    from medmoco.models import load_classifier
+    from medmoco.engines.supervised import freeze_thresholds_then_test
+    from medmoco.evaluation import flat_metrics
     from medmoco.models.classifier import set_operating_points
 
-    selected, info = load_classifier(model_path)
-    selected.to(device)
-    context, size = info["context"], info["image_size"]
-    val_probs = predict_rows(selected, cache, val_rows, context, size, device, config.eval_batch_size)
-    operating_points = {"split": config.val_split, "target_sensitivity": config.target_sensitivity,
-                        "thresholds": choose_thresholds(val_labels, val_probs, config.target_sensitivity)}
+    boot = config.bootstrap
+    operating_points, evaluation, labels, probs = freeze_thresholds_then_test(
+        model_path, cache, val_rows, val_labels, cache.indices(config.test_split, labeled=True), device,
+        config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed)
+    operating_points["split"] = config.val_split
     if idist.get_rank() == 0:
         set_operating_points(model_path, operating_points)
-    test_rows = cache.indices(config.test_split, labeled=True)
-    test_probs = predict_rows(selected, cache, test_rows, context, size, device, config.eval_batch_size)  # the one read
-    test_labels = cache.labels(test_rows)
-    patients = cache.manifest["patient_id"].to_numpy()[test_rows]
-    boot = config.bootstrap
-    evaluation = evaluate_split(test_labels, test_probs, patients, operating_points["thresholds"],
-                                boot.replicates, boot.level, boot.seed)
-    if idist.get_rank() == 0:
-        _write_report(config, tracker, model_path, test_labels, test_probs, evaluation, epoch, operating_points)
+        _write_report(config, tracker, model_path, labels, probs, evaluation, epoch, operating_points)
         tracker.log_metrics(flat_metrics(evaluation, "test"), epoch)
         tracker.log_params({"selected_epoch": epoch, "selected_on": config.val_split,
                             "target_sensitivity": config.target_sensitivity})

@@ -268,3 +268,32 @@ def predict_rows(model, cache, rows: np.ndarray, context: int, size: int, device
         return np.zeros((0, 6), dtype=np.float32)
     evaluator = create_evaluator(model, size, device, amp)
     return evaluator.run(eval_loader(cache, rows, context, batch_size)).probs
+
+
+def freeze_thresholds_then_test(model_path: str, cache, val_rows, val_labels, test_rows, device, batch_size: int,
+                                target_sensitivity: float, replicates: int = 2000, level: float = 0.95,
+                                seed: int = 0):
+    """The end of a fine-tuning run, in the order that keeps the test split unseen by any choice:
+    the selected model's per-class thresholds for ``target_sensitivity`` on the validation rows,
+    then its one prediction of the test rows, evaluated with those thresholds and patient-bootstrap
+    intervals (:func:`medmoco.evaluation.evaluate_split`). Every rank calls it (predictions are
+    gathered).
+
+    Returns:
+        (operating points ``{"target_sensitivity", "thresholds"}``, the evaluation, test labels,
+        test probabilities).
+    """
+    from ..evaluation import choose_thresholds, evaluate_split
+    from ..models import load_classifier
+
+    selected, info = load_classifier(model_path)
+    selected.to(device)
+    val_probs = predict_rows(selected, cache, val_rows, info["context"], info["image_size"], device, batch_size)
+    operating_points = {"target_sensitivity": target_sensitivity,
+                        "thresholds": choose_thresholds(val_labels, val_probs, target_sensitivity)}
+    test_probs = predict_rows(selected, cache, test_rows, info["context"], info["image_size"], device, batch_size)
+    test_labels = cache.labels(test_rows)
+    patients = cache.manifest["patient_id"].to_numpy()[test_rows]
+    evaluation = evaluate_split(test_labels, test_probs, patients, operating_points["thresholds"], replicates,
+                                level, seed)
+    return operating_points, evaluation, test_labels, test_probs

@@ -66,6 +66,16 @@ def read_weights(path: str) -> dict:
     return payload
 
 
+def backbone_arch(path: str) -> str:
+    """The architecture recorded in a backbone export (``"arch"``) or a MoCo checkpoint (its config),
+    so that a from-scratch baseline can train the same network as the pretrained one."""
+    payload = read_weights(path)
+    arch = payload.get("arch") or (payload.get("config") or {}).get("moco", {}).get("arch")
+    if not arch:
+        raise ValueError(f"{path}: no architecture recorded (expected a `medmoco pretrain` backbone.pt)")
+    return str(arch)
+
+
 def load_backbone_state(backbone: nn.Module, source: str | dict, allowed_missing: tuple[str, ...] = ("fc.",)
                         ) -> tuple[list[str], list[str]]:
     """Load exported or checkpointed weights into ``backbone``.

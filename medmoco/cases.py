@@ -51,19 +51,23 @@ def _montage(tiles: list[dict], path: str, title: str) -> None:
     plt = _pyplot()
     cols = min(4, max(1, len(tiles)))
     rows = int(np.ceil(len(tiles) / cols)) if tiles else 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    # constrained layout: tight_layout let the second row's images hide the first line of its titles
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, tile in zip(axes.ravel(), tiles):
         ax.imshow(tile["image"], cmap="gray", vmin=0, vmax=255)
-        ax.imshow(tile["cam"], cmap="jet", alpha=0.35, vmin=0, vmax=1,
-                  extent=(-0.5, tile["image"].shape[1] - 0.5, tile["image"].shape[0] - 0.5, -0.5))
+        # Grad-CAM keeps only positive evidence (a ReLU of the weighted activations): an all-zero
+        # map means the last block holds none for this class; say so instead of tinting the tile.
+        has_cam = bool(np.nanmax(tile["cam"]) > 0)
+        if has_cam:
+            ax.imshow(tile["cam"], cmap="jet", alpha=0.35, vmin=0, vmax=1,
+                      extent=(-0.5, tile["image"].shape[1] - 0.5, tile["image"].shape[0] - 0.5, -0.5))
         ax.set_title(f"{tile['image_id']}\ncand {tile['candidate']:.2f} / ref {tile['reference']:.2f} "
-                     f"(label {tile['label']})", fontsize=8)
+                     f"(label {tile['label']}){'' if has_cam else '; Grad-CAM 0'}", fontsize=8)
     if not tiles:
         axes[0][0].text(0.5, 0.5, "no such case in this split", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -16,6 +16,8 @@ interval and DeLong's test, and the non-inferiority rule promotion rests on.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import norm
 
@@ -97,7 +99,8 @@ def compare_predictions(labels: np.ndarray, candidate: np.ndarray, reference: np
         mean["auc_candidate"] = float(np.mean([c["auc_candidate"] for c in scored]))
         mean["auc_reference"] = float(np.mean([c["auc_reference"] for c in scored]))
         mean["delta"] = mean["auc_candidate"] - mean["auc_reference"]
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():  # a replicate with no scorable class has no mean: NaN, dropped below
+            warnings.simplefilter("ignore", RuntimeWarning)
             per_replicate = np.nanmean(np.stack(cand_means), axis=0) - np.nanmean(np.stack(ref_means), axis=0)
         mean["delta_ci"] = percentile_interval(per_replicate, level)
     return {"n_images": int(len(labels)), "n_patients": int(boot.n_patients), "classes": classes, "mean": mean,

@@ -451,7 +451,8 @@ def release_history(name: str, tracking_uri: str = "", alias: str = "champion") 
                      "promoted by": t.get("promoted_by", "?"), "when": t.get("promoted_at", "?"),
                      "delta mean AUC [CI]": f"{float(delta):+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if delta and ci
                      else ("first holder" if t.get("comparison_run", "").startswith("none") else "?"),
-                     "forced": t.get("force_reason", ""), "comparison run": t.get("comparison_run", "")[:8]})
+                     "forced": t.get("force_reason", ""), "comparison run": "" if t.get("comparison_run", "").startswith("none")
+                     else t.get("comparison_run", "")[:8]})
         if alias in holders.get(str(v.version), "").split(",") and "promoted_by" not in t:
             warnings.append(f"WARNING: {released}@{alias} is v{v.version}, which has no promotion record: the alias was "
                             "moved outside `medmoco review --promote` (no comparison, no margin, no recorded user)")

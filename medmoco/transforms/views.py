@@ -20,38 +20,13 @@ same views as an uninterrupted one, whatever the number of workers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class AugmentConfig:
-    """Augmentation settings (the ``augment`` section of a pretraining config)."""
-
-    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])  # area fraction of the crop
-    flip_prob: float = 0.5
-    intensity_prob: float = 0.8
-    intensity_scale: float = 0.2  # per window: x * (1 + U[-s, s])
-    intensity_shift: float = 0.1  # per window: x + U[-o, o]
-    gamma: list = field(default_factory=lambda: [0.7, 1.5])
-    gamma_prob: float = 0.5
-    blur_prob: float = 0.5
-    blur_sigma: list = field(default_factory=lambda: [0.1, 2.0])  # pixels at 224 px, scaled to the size
-    noise_prob: float = 0.5
-    noise_std: float = 0.03
-    on_device: bool = False  # batched augmentation on the training device instead of loader workers
-
-    def __post_init__(self) -> None:
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"augment.crop_scale {self.crop_scale}: need 0 < low <= high <= 1")
-        for name in ("flip_prob", "intensity_prob", "gamma_prob", "blur_prob", "noise_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"augment.{name} {getattr(self, name)}: must be in [0, 1]")
+from ..config import AugmentConfig  # noqa: F401 (its home is the config schema; imported from here too)
 
 
 def monai_view_transform(aug: AugmentConfig, size: int, key: str = "image"):

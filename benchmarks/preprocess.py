@@ -1,20 +1,31 @@
-"""Preprocessing speed, medmoco vs two baselines, side by side in one process (one core).
+"""Preprocessing speed: medmoco against two baselines, per file and as the whole job; cache reads.
 
-    python benchmarks/preprocess.py [--files 200] [--real ../shared/data/rsna-stage2-sample]
+    python benchmarks/preprocess.py [--files 600] [--job-files 2000] [--readback 20000]
 
-Input: RSNA-size slices (512x512, 16-bit, Explicit VR LE) from the synthetic archive, read from
-memory so that the disk is not measured. Output: the default 3-window 256x256 uint8 cache tensor.
-  medmoco   : dicom_preprocess.reader.read_dicom + SliceEncoder (LUT + numba box kernel)
-  baseline a: pydicom dcmread + pixel_array + float numpy windows + block-mean resize
-  baseline b: MONAI LoadImage(PydicomReader) + ScaleIntensityRange per window + Resize(area)
-Also: reading the finished cache back (random samples/s, one process).
+Every side gets the same input: distinct RSNA-size slices (512x512, 16-bit, Explicit VR Little
+Endian, the four RSNA encodings, each file its own noise) written to disk, read by path from a warm
+page cache; the same output, the default 3-window 256x256 uint8 tensor; the same repeats.
+
+1. One core, per file:
+     medmoco      read the file, `read_dicom` (fast header + checks + zero-copy pixel view) and
+                  `SliceEncoder` (LUT windowing and 2x2 area resize fused in one numba kernel)
+     (a) plain    pydicom dcmread + pixel_array, float numpy windows, torch area resize
+     (b) MONAI    LoadImage(PydicomReader) + ScaleIntensityRange per window + Resize(area)
+   and medmoco's breakdown per file: read, header, checks and pixel view, window+resize, write.
+2. The whole job from files on disk (`medmoco preprocess`, a fresh process each run), as its
+   marginal rate: (time for 2N files - time for N files) / N, so that process start-up and the
+   cache's assembly cancel; with 1 and 2 worker processes. Targets: >= 1,000 files/s per worker,
+   >= 5x the plain loop (a).
+3. Random reads of a cache of --readback distinct images (default 20,000, 3.9 GB), with its chunk
+   files dropped from the page cache first (cold: posix_fadvise DONTNEED) and then warm.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import io
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,113 +34,200 @@ import warnings
 import numpy as np
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
 
 
-def _rate(fn, items, repeat=1):
+def _rate(fn, items, repeats: int) -> float:
+    """Items per second over ``repeats`` passes (after one untimed warm-up item)."""
     fn(items[0])
     start = time.perf_counter()
-    for _ in range(repeat):
+    for _ in range(repeats):
         for item in items:
             fn(item)
-    return repeat * len(items) / (time.perf_counter() - start)
+    return repeats * len(items) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--files", type=int, default=120)
-    parser.add_argument("--job-files", type=int, default=5760, help="files for the whole-job figures")
-    parser.add_argument("--real", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                       "rsna-stage2-sample"))
-    args = parser.parse_args()
+def per_file(paths: list[str], repeats: int) -> dict:
+
+    import pydicom
     import torch
-
-    torch.set_num_threads(1)
-    from dicom_preprocess import open_cache
-    from dicom_preprocess.config import PreprocessConfig
-    from dicom_preprocess.encoding import SliceEncoder
-    from dicom_preprocess.job import run_preprocess
-    from dicom_preprocess.reader import read_dicom
-    from dicom_preprocess.synthetic import synthesize
-    from dicom_preprocess.windowing import parse_windows
-
-    windows = parse_windows("brain,subdural,bone")
-    work = tempfile.mkdtemp(prefix="medmoco-bench-")
-    synth = synthesize(work, patients=max(1, args.files // 35), seed=0, slices_per_series=(12, 12))
-    paths = [p for p in sorted(glob.glob(os.path.join(synth.images_dir, "*.dcm")))]
-    blobs = [open(p, "rb").read() for p in paths]
-    blobs = [b for b in blobs if len(b) > 500_000][: args.files]  # RSNA size: 512x512 16-bit
-    real = sorted(glob.glob(os.path.join(args.real, "*.dcm")))
-    if real:
-        blobs += [open(p, "rb").read() for p in real]
-    encoder = SliceEncoder(windows, "linear", 256)
-
-    def ours(blob):
-        return encoder.encode(read_dicom(blob))
-
-    def plain(blob):
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(blob))
-        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        chans = [np.clip((hu - (w.center - w.width / 2)) / w.width, 0, 1) for w in windows]
-        win = np.stack(chans).reshape(3, 256, 2, 256, 2).mean(axis=(2, 4))
-        return np.rint(win * 255).astype(np.uint8)
-
+    import torch.nn.functional as F
     from monai.data import PydicomReader
     from monai.transforms import LoadImage, Resize, ScaleIntensityRange
+
+    from dicom_preprocess.encoding import SliceEncoder
+    from dicom_preprocess.fastheader import fast_dataset
+    from dicom_preprocess.reader import read_dicom
+    from dicom_preprocess.windowing import parse_windows
+
+    torch.set_num_threads(1)
+    windows = parse_windows("brain,subdural,bone")
+    encoder = SliceEncoder(windows, "linear", 256)
+    row = np.empty((3, 256, 256), np.uint8)
+
+    def ours(path):
+        with open(path, "rb") as handle:
+            return encoder.encode(read_dicom(handle.read(), path), out=row)
+
+    def plain(path):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        win = np.stack([np.clip((hu - (w.center - w.width / 2)) / w.width, 0, 1) for w in windows])
+        small = F.interpolate(torch.from_numpy(win)[None], size=(256, 256), mode="area")[0]
+        return (small * 255).round().to(torch.uint8)
 
     loader = LoadImage(reader=PydicomReader(), image_only=True, ensure_channel_first=True)
     scalers = [ScaleIntensityRange(w.center - w.width / 2, w.center + w.width / 2, 0.0, 1.0, clip=True)
                for w in windows]
     resize = Resize((256, 256), mode="area")
-    tmpfile = os.path.join(work, "one.dcm")
 
-    def monai(blob):
-        with open(tmpfile, "wb") as handle:  # LoadImage reads paths
-            handle.write(blob)
-        hu = loader(tmpfile)
-        win = torch.cat([s(hu) for s in scalers])
-        return (resize(win) * 255).round().to(torch.uint8)
+    def monai(path):
+        hu = loader(path)
+        return (resize(torch.cat([s(hu) for s in scalers])) * 255).round().to(torch.uint8)
 
-    r_ours = _rate(ours, blobs, repeat=3)
-    r_plain = _rate(plain, blobs)
-    r_monai = _rate(monai, blobs)
-    print(f"files: {len(blobs)} RSNA-size slices ({len(real)} real), one core, 512x512 -> 3x256x256 uint8")
-    print(f"medmoco                         {r_ours:8.0f} files/s")
-    print(f"(a) pydicom + float numpy       {r_plain:8.0f} files/s   ratio {r_ours / r_plain:5.1f}x")
-    print(f"(b) MONAI LoadImage + Scale...  {r_monai:8.0f} files/s   ratio {r_ours / r_monai:5.1f}x")
+    rates = {"medmoco": _rate(ours, paths, repeats), "(a) pydicom + numpy + torch": _rate(plain, paths, repeats),
+             "(b) MONAI LoadImage + transforms": _rate(monai, paths, repeats)}
+    # medmoco's breakdown: each step timed over all files in turn (the same files, in memory
+    # after the read step; ms per file)
+    blobs = [open(p, "rb").read() for p in paths]
+    images = [read_dicom(b, p) for b, p in zip(blobs, paths)]
+    steps = {}
 
-    # Whole job with 1 and 2 worker processes (includes process start-up, disk and chunk writes)
-    # on --job-files RSNA-size files: the synthetic and real slices repeated under new names (hard
-    # links). Each worker process starts in ~1 s (imports, numba cache), so a job of a few seconds
-    # measures start-up; 5,760 files take ~10-16 s here.
-    job_input = os.path.join(work, "job-input")
-    os.makedirs(job_input)
-    originals = []
-    for i, blob in enumerate(blobs):
-        originals.append(os.path.join(work, f"blob{i:04d}.dcm"))
-        with open(originals[-1], "wb") as handle:
-            handle.write(blob)
-    for i in range(args.job_files):
-        os.link(originals[i % len(originals)], os.path.join(job_input, f"ID_job{i:06d}.dcm"))
-    rates = {}
-    for workers in (1, 2):
-        out = os.path.join(work, f"cache{workers}")
-        cfg = PreprocessConfig(input=job_input, out=out, workers=workers, files_per_shard=64)
-        summary = run_preprocess(cfg, progress=False)
-        rates[workers] = summary.files_per_second
-        print(f"job, {workers} worker(s): {summary.files_per_second:8.0f} files/s "
-              f"({summary.files} files, {summary.seconds:.1f} s incl. start-up)")
-    print(f"job scaling, 2 workers vs 1: {rates[2] / rates[1]:.2f}x (on {os.cpu_count()} cores)")
-    cache = open_cache(os.path.join(work, "cache1"))
-    order = np.random.default_rng(0).integers(0, len(cache), 20000)
-    cache[0]
+    def timed(name, fn, items):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for item in items:
+                fn(item)
+        steps[name] = (time.perf_counter() - start) / (repeats * len(items)) * 1000
+
+    def read(path):
+        with open(path, "rb") as handle:
+            handle.read()
+
+    timed("read (open + read, page cache warm)", read, paths)
+    timed("header (fast parse)", fast_dataset, blobs)
+    header = steps["header (fast parse)"]
+    timed("header + checks + pixel view", lambda b: read_dicom(b), blobs)
+    steps["checks + pixel view"] = steps.pop("header + checks + pixel view") - header
+    timed("window + resize (fused kernel)", lambda im: encoder.encode(im, out=row), images)
+    from dicom_preprocess.cache import write_chunk
+
+    chunk = np.zeros((1024, 3, 256, 256), np.uint8)
+    work = tempfile.mkdtemp(prefix="medmoco-bench-write-")
     start = time.perf_counter()
-    for i in order:
-        np.array(cache[i])
-    rate = len(order) / (time.perf_counter() - start)
-    print(f"cache read-back: {rate:8.0f} random samples/s (one process, copied out of the memory map)")
+    for k in range(2):
+        write_chunk(work, k, chunk, [{} for _ in range(1024)], [])
+    steps["write (a 1024-row chunk, fsynced), per file"] = (time.perf_counter() - start) / 2048 * 1000
+    shutil.rmtree(work)
+    return {"rates": rates, "steps_ms": steps}
+
+
+def job_marginal(paths: list[str], work: str, workers: int, n: int, attempts: int = 2) -> dict:
+    """(time for 2N files - time for N files) / N, each a fresh `medmoco preprocess` process (the
+    best of ``attempts`` runs each)."""
+    times = {}
+    for count in (n, 2 * n):
+        folder = os.path.join(work, f"in{count}")
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            for path in paths[:count]:
+                os.link(path, os.path.join(folder, os.path.basename(path)))
+        best = float("inf")
+        for attempt in range(attempts):
+            out = os.path.join(work, f"out{count}-{workers}-{attempt}")
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", folder, "--out", out,
+                            "--workers", str(workers), "--size", "256", "--quiet"], check=True, cwd=REPO,
+                           capture_output=True)
+            best = min(best, time.perf_counter() - start)
+            shutil.rmtree(out)
+        times[count] = best
+    return {"files_per_s": n / max(times[2 * n] - times[n], 1e-9), "seconds": times}
+
+
+def drop_from_page_cache(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def readback(images: int, work: str) -> dict:
+    from dicom_preprocess import open_cache
+    from dicom_preprocess.synthetic import write_synthetic_cache
+
+    out = os.path.join(work, "readback-cache")
+    start = time.perf_counter()
+    write_synthetic_cache(out, images, size=256)
+    built = time.perf_counter() - start
+    cache = open_cache(out)
+    chunk_files = sorted(glob.glob(os.path.join(out, "parts", "chunk_*.npy")))
+    order = np.random.default_rng(0).integers(0, len(cache), 20000)
+    rates = {}
+    for state in ("cold", "warm"):
+        if state == "cold":
+            drop_from_page_cache(chunk_files)
+        cache = open_cache(out)
+        start = time.perf_counter()
+        for i in order:
+            np.array(cache[i])
+        rates[state] = len(order) / (time.perf_counter() - start)
+    shutil.rmtree(out)
+    return {"images": len(cache), "reads": len(order), "rates": rates, "build_s": built}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=600, help="files for the per-file comparison")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--job-files", dest="job_files", type=int, default=2000, help="N of the marginal job rate")
+    parser.add_argument("--readback", type=int, default=20000, help="distinct images of the read-back cache")
+    parser.add_argument("--attempts", type=int, default=2, help="runs of each job size (the best counts)")
+    parser.add_argument("--skip", default="", help="comma list of 1,2,3 to skip")
+    args = parser.parse_args()
+    from dicom_preprocess.synthetic import write_distinct_slices
+
+    skip = set(args.skip.split(","))
+    work = tempfile.mkdtemp(prefix="medmoco-bench-")
+    try:
+        paths = write_distinct_slices(os.path.join(work, "files"), max(args.files, 2 * args.job_files))
+        print(f"input: {len(paths)} distinct RSNA-size files (512x512, 16-bit), page cache warm; "
+              f"output 3x256x256 uint8; {os.cpu_count()} cores")
+        if "1" not in skip:
+            result = per_file(paths[: args.files], args.repeats)
+            base = result["rates"]["medmoco"]
+            print(f"\n1. one core, {args.files} files x {args.repeats} repeats, every side reading the same paths")
+            for name, rate in result["rates"].items():
+                ratio = "" if name == "medmoco" else f"   medmoco is {base / rate:5.1f}x faster"
+                print(f"   {name:34s} {rate:8.0f} files/s{ratio}")
+            print("   medmoco per file (ms):")
+            for name, ms in result["steps_ms"].items():
+                print(f"     {name:46s} {ms:7.3f}")
+        if "2" not in skip:
+            plain = per_file(paths[: min(200, args.files)], 1)["rates"]["(a) pydicom + numpy + torch"] \
+                if "1" in skip else result["rates"]["(a) pydicom + numpy + torch"]
+            print(f"\n2. the whole job (`medmoco preprocess`, files on disk), marginal rate over N = {args.job_files}")
+            rates = {}
+            for workers in (1, 2):
+                job = job_marginal(paths, work, workers, args.job_files, args.attempts)
+                rates[workers] = job["files_per_s"]
+                print(f"   {workers} worker(s): {job['files_per_s']:7.0f} files/s ({job['files_per_s'] / workers:6.0f} per "
+                      f"worker; {args.job_files} files {job['seconds'][args.job_files]:.2f} s, {2 * args.job_files} files "
+                      f"{job['seconds'][2 * args.job_files]:.2f} s); {job['files_per_s'] / plain:5.1f}x the plain loop")
+            print(f"   scaling, 2 workers vs 1: {rates[2] / rates[1]:.2f}x (targets: >= 1,000 files/s per worker, "
+                  ">= 5x the plain loop)")
+        if "3" not in skip:
+            back = readback(args.readback, work)
+            print(f"\n3. cache read-back: {back['reads']} random reads of a {back['images']}-image cache "
+                  f"(3x256x256, built in {back['build_s']:.0f} s), one process, copied out of the memory map")
+            for state, rate in back["rates"].items():
+                print(f"   page cache {state:4s}: {rate:9.0f} reads/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -77,23 +77,70 @@ if njit is not None:
                     lane = np.int64((acc >> np.uint64(21 * c)) & np.uint64(mask))
                     out[c, i, j] = (lane + half) // denom
 
+    @njit(cache=True, nogil=True)
+    def _box2_kernel_packed(codes, packed, out):  # pragma: no cover - compiled
+        # The RSNA case (512 -> 256): 2 x 2 blocks, two input rows per output row, and the
+        # rounding division by 2 * 2 * 256 = 2**10 as a shift.
+        channels, rows, cols = out.shape
+        mask = np.uint64((1 << 21) - 1)
+        half = np.uint64(512)
+        for i in range(rows):
+            top = codes[2 * i]
+            bottom = codes[2 * i + 1]
+            for j in range(cols):
+                acc = packed[top[2 * j]] + packed[top[2 * j + 1]] + packed[bottom[2 * j]] + packed[bottom[2 * j + 1]]
+                for c in range(channels):
+                    out[c, i, j] = (((acc >> np.uint64(21 * c)) & mask) + half) >> np.uint64(10)
+
 else:  # pragma: no cover
     _box_kernel = _box_kernel_py
-    _box_kernel_packed = None
+    _box_kernel_packed = _box2_kernel_packed = None
+
+
+def _area_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive average pooling's windows: output i averages inputs [floor(i n_in / n_out),
+    ceil((i + 1) n_in / n_out)), as ``torch.nn.functional.interpolate(mode="area")`` does."""
+    i = np.arange(n_out)
+    return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+
+
+def _area_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    start, end = _area_weights(x.shape[axis], n_out)
+    sums = np.cumsum(x, axis=axis)
+    sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)
+    counts = (end - start).astype(np.float64)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    return (np.take(sums, end, axis=axis) - np.take(sums, start, axis=axis)) / counts.reshape(shape)
+
+
+def _bilinear_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Linear interpolation along one axis with ``align_corners=False`` (PyTorch's source index:
+    ``(i + 0.5) n_in / n_out - 0.5``, clamped at 0)."""
+    n_in = x.shape[axis]
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    low = np.floor(src).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    weight = src - low
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    weight = weight.reshape(shape)
+    return np.take(x, low, axis=axis) * (1.0 - weight) + np.take(x, high, axis=axis) * weight
 
 
 def resize_square(channels: np.ndarray, size: int) -> np.ndarray:
-    """Resize float (C, N, N) to (C, size, size): area when shrinking, bilinear when enlarging."""
-    import torch
-    import torch.nn.functional as F
+    """Resize float (C, N, N) to (C, size, size): area when shrinking, bilinear when enlarging.
 
+    PyTorch's ``interpolate`` semantics (``mode="area"``, ``mode="bilinear", align_corners=False``),
+    written in numpy so that a preprocessing worker never imports torch (seconds per process);
+    ``tests/test_reader_encoding.py`` checks the cache against torch itself.
+    """
     side = channels.shape[-1]
     if side == size:
         return channels
-    tensor = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float64))[None]
-    mode = "area" if side > size else "bilinear"
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(tensor, size=(size, size), mode=mode, **kwargs)[0].numpy()
+    x = np.asarray(channels, dtype=np.float64)
+    resize = _area_axis if side > size else _bilinear_axis
+    return resize(resize(x, size, axis=-2), size, axis=-1)
 
 
 def pad_to_square(image: np.ndarray, fill: float | np.ndarray) -> np.ndarray:
@@ -136,33 +183,40 @@ class SliceEncoder:
                 packed |= fixed[:, c].astype(np.uint64) << np.uint64(21 * c)
         return values, exact, fixed, packed
 
-    def encode(self, image: Slice) -> np.ndarray:
-        """The slice as uint8 (C, size, size)."""
+    def encode(self, image: Slice, out: np.ndarray | None = None) -> np.ndarray:
+        """The slice as uint8 (C, size, size), written into ``out`` when given (a chunk's row)."""
         if image.codes is not None:
-            out = self._encode_codes(image.codes, image.code_map)
+            result = self._encode_codes(image.codes, image.code_map, out)
         else:
-            out = self.encode_hu(image.hu)
+            result = self.encode_hu(image.hu)
+        if out is not None and result is not out:
+            out[...] = result
+            result = out
         if image.invert:
-            np.subtract(255, out, out=out)
-        return out
+            np.subtract(255, result, out=result)
+        return result
 
     def encode_hu(self, hu: np.ndarray) -> np.ndarray:
         """Slow, general path for float HU input (NIfTI, ITK, SimpleITK-decoded DICOM)."""
         windowed = apply_windows(hu, self.windows, self.mode)
         return to_uint8(resize_square(pad_to_square(windowed, self._air), self.size))
 
-    def _encode_codes(self, codes: np.ndarray, code_map: CodeMap) -> np.ndarray:
+    def _encode_codes(self, codes: np.ndarray, code_map: CodeMap, out: np.ndarray | None = None) -> np.ndarray:
         values, exact, fixed, packed = self._tables(code_map.key())
         rows, cols = codes.shape
         if rows == cols == self.size:
-            return np.take(exact, codes, axis=1)
+            return np.take(exact, codes, axis=1, out=out)
         if rows == cols and rows % self.size == 0:
             factor = rows // self.size
-            out = np.empty((len(self.windows), self.size, self.size), dtype=np.uint8)
-            if packed is not None and factor <= 5 and _box_kernel_packed is not None:
-                _box_kernel_packed(np.ascontiguousarray(codes), packed, factor, out)
+            if out is None:
+                out = np.empty((len(self.windows), self.size, self.size), dtype=np.uint8)
+            codes = np.ascontiguousarray(codes)
+            if packed is not None and factor == 2 and _box2_kernel_packed is not None:
+                _box2_kernel_packed(codes, packed, out)
+            elif packed is not None and factor <= 5 and _box_kernel_packed is not None:
+                _box_kernel_packed(codes, packed, factor, out)
             else:
-                _box_kernel(np.ascontiguousarray(codes), fixed, factor, out)
+                _box_kernel(codes, fixed, factor, out)
             return out
         windowed = np.take(values, codes, axis=1)
         return to_uint8(resize_square(pad_to_square(windowed, self._air), self.size))

@@ -304,3 +304,62 @@ def _add_duplicate_rows(path: str, rng: np.random.Generator) -> None:
         start = 6 * int(rng.integers(0, len(rows) // 6))
         rows = pd.concat([rows, rows.iloc[start : start + 6]], ignore_index=True)
         rows.to_csv(path, index=False)
+
+
+def write_distinct_slices(out_dir: str, n: int, seed: int = 0, rows: int = 512, base: int = 16) -> list[str]:
+    """``n`` RSNA-size slices (``ID_<hex>.dcm``), each file distinct: ``base`` phantoms, then a noise
+    field of its own per file, RSNA's encodings in turn (12/16 bit, signed/unsigned, the 12-bit
+    wrap). For benchmarks that read thousands of files from disk (page-cache and CPU-cache
+    behaviour of distinct content, not of hard links to a few files). Returns the paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    phantoms = [head_phantom(rows, rows, rng.random(), {}, rng, random_anatomy(rng)).astype(np.int32)
+                for _ in range(base)]
+    paths = []
+    for i in range(n):
+        name, bits, signed, intercept = ENCODINGS[i % 4]
+        hu = np.clip(phantoms[i % base] + rng.integers(-6, 7, size=(rows, rows)), AIR, 3000)
+        image_id = f"ID_{seed:02x}{i:08x}"
+        tags = {"SOPInstanceUID": image_id, "Modality": "CT", "PatientID": f"ID_p{i // 40:06d}",
+                "StudyInstanceUID": f"ID_st{i // 40:06d}", "SeriesInstanceUID": f"ID_se{i // 40:06d}",
+                "ImagePositionPatient": [-125.0, -125.0, float(i % 40) * 5.0], "BitsStored": bits,
+                "PixelRepresentation": signed, "WindowCenter": 40, "WindowWidth": 80,
+                "RescaleIntercept": intercept, "RescaleSlope": 1.0}
+        paths.append(os.path.join(out_dir, f"{image_id}.dcm"))
+        write_dicom(paths[-1], encode_codes(hu, name), tags)
+    return paths
+
+
+def write_synthetic_cache(out: str, images: int, size: int = 256, seed: int = 0, base: int = 64,
+                          per_chunk: int = 1024, slices_per_patient: int = 40) -> str:
+    """A finished cache of ``images`` distinct 3-window slices, written without DICOM: ``base``
+    windowed phantoms, each image with noise of its own, in the job's chunk format and finalised
+    by the job's own assembly (manifest, splits, metadata). For benchmarks that need tens of
+    thousands of distinct cached slices (the loader's feed rate, random read-back); 20,000 slices
+    at 256 px are 3.9 GB."""
+    from . import cache as cache_io
+    from .assembly import check_or_write_job, finalize_cache, job_record
+    from .config import PreprocessConfig
+    from .windowing import apply_windows, parse_windows, to_uint8
+
+    rng = np.random.default_rng(seed)
+    windows = parse_windows("brain,subdural,bone")
+    bases = [to_uint8(apply_windows(head_phantom(size, size, rng.random(), {}, rng, random_anatomy(rng)), windows))
+             for _ in range(base)]
+    config = PreprocessConfig(input=out, out=out, size=size, files_per_shard=per_chunk, workers=1,
+                              split_fractions={"unsupervised": 1.0})
+    parts = os.path.join(out, cache_io.PARTS)
+    os.makedirs(parts, exist_ok=True)
+    check_or_write_job(parts, job_record(config, images, f"synthetic-{images}-{size}-{seed}"))
+    for chunk, start in enumerate(range(0, images, per_chunk)):
+        count = min(per_chunk, images - start)
+        pixels = np.stack([bases[(start + k) % base] for k in range(count)]).astype(np.int16)
+        pixels += rng.integers(-3, 4, size=pixels.shape, dtype=np.int16)
+        records = [{"image_id": f"ID_c{seed:02x}{start + k:08x}", "patient_id": f"ID_p{(start + k) // slices_per_patient}",
+                    "study_uid": f"ID_st{(start + k) // slices_per_patient}",
+                    "series_uid": f"ID_se{(start + k) // slices_per_patient}",
+                    "z": float((start + k) % slices_per_patient), "source": f"synthetic/{start + k}"}
+                   for k in range(count)]
+        cache_io.write_chunk(parts, chunk, np.clip(pixels, 0, 255).astype(np.uint8), records, [])
+    finalize_cache(out)
+    return out

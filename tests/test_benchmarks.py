@@ -1,0 +1,52 @@
+"""The benchmarks run from a fresh clone, in their smallest form (smoke tests: no timing is
+asserted; the figures in the README come from the full runs)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=600):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_pretrain_end_to_end_table_on_cpu():
+    out = _run("pretrain.py", "--e2e", "--device", "cpu", "--arch", "resnet18", "--size", "32", "--batch", "8",
+               "--iters", "2", "--warmup", "1", "--cache-images", "96", "--cache-size", "64", "--workers", "0",
+               "--amp", "none,bf16", "--channels-last", "off,on")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "views |" in line]
+    assert len(rows) == 2 * 2 * 2  # view path x AMP x channels_last
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) > 0 and 0 <= float(cells[4]) <= 1 and float(cells[9]) > 0, row
+
+
+@pytest.mark.slow
+def test_pretrain_feed_rate_and_step_ratio():
+    out = _run("pretrain.py", "--feed", "--images", "128", "--cache-size", "64", "--size", "32", "--batches", "2",
+               "--batch", "8")
+    assert len(re.findall(r"pairs/s per worker -> \d+ workers", out)) == 2
+    out = _run("pretrain.py", "--arch", "resnet18", "--size", "32", "--batch", "8", "--iters", "1", "--rounds", "2",
+               "--views", "4")
+    assert re.search(r"ratio \d\.\d{3} ", out) and out.count("2. views") == 3
+
+
+@pytest.mark.slow
+def test_preprocess_per_file_job_and_readback():
+    out = _run("preprocess.py", "--files", "8", "--repeats", "1", "--job-files", "8", "--attempts", "1",
+               "--readback", "300")
+    assert "medmoco" in out and "window + resize" in out and "per worker" in out
+    assert re.search(r"2 worker\(s\): +\d+ files/s", out) and "page cache cold" in out and "page cache warm" in out
+
+
+def test_evaluation_bootstrap_benchmark_agrees_with_the_naive_loop():
+    out = _run("evaluation.py", "--slices", "600", "--patients", "40", "--replicates", "20")
+    assert "max |difference|" in out and "whole evaluate_split" in out

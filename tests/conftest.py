@@ -80,12 +80,8 @@ def caches_equal(a, b) -> None:
 @pytest.fixture(scope="session")
 def tiny_cache(archive, tmp_path_factory):
     """32 px cache of the session archive, splits sized so train, val and test all hold labels."""
-    out = str(tmp_path_factory.mktemp("tiny"))
-    run_preprocess(PreprocessConfig(input=archive.images_dir, labels=archive.labels_csv, out=out, size=32,
-                                    workers=1, files_per_shard=64,
-                                    split_fractions={"unsupervised": 0.4, "train": 0.3, "val": 0.15, "test": 0.15}),
-                   progress=False)
-    return out
+    return _small_cache(archive, str(tmp_path_factory.mktemp("tiny")), 64,
+                        {"unsupervised": 0.4, "train": 0.3, "val": 0.15, "test": 0.15})
 
 
 def write_yaml(path, data) -> str:
@@ -122,10 +118,14 @@ def cls_archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cls_cache(cls_archive, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cls-cache"))
-    run_preprocess(PreprocessConfig(input=cls_archive.images_dir, labels=cls_archive.labels_csv, out=out, size=32,
-                                    workers=1, files_per_shard=64,
-                                    split_fractions={"unsupervised": 0.2, "train": 0.4, "val": 0.2, "test": 0.2}),
+    return _small_cache(cls_archive, str(tmp_path_factory.mktemp("cls-cache")), 64,
+                        {"unsupervised": 0.2, "train": 0.4, "val": 0.2, "test": 0.2})
+
+
+def _small_cache(archive, out: str, files_per_shard: int, split_fractions: dict) -> str:
+    """A 32 px cache of ``archive`` (one process), split by patient as given."""
+    run_preprocess(PreprocessConfig(input=archive.images_dir, labels=archive.labels_csv, out=out, size=32, workers=1,
+                                    files_per_shard=files_per_shard, split_fractions=split_fractions),
                    progress=False)
     return out
 
@@ -203,12 +203,8 @@ def easy_archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def easy_cache(easy_archive, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("easy-cache"))
-    run_preprocess(PreprocessConfig(input=easy_archive.images_dir, labels=easy_archive.labels_csv, out=out, size=32,
-                                    workers=1, files_per_shard=128,
-                                    split_fractions={"unsupervised": 0.1, "train": 0.5, "val": 0.2, "test": 0.2}),
-                   progress=False)
-    return out
+    return _small_cache(easy_archive, str(tmp_path_factory.mktemp("easy-cache")), 128,
+                        {"unsupervised": 0.1, "train": 0.5, "val": 0.2, "test": 0.2})
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,12 @@ page cache; the same output, the default 3-window 256x256 uint8 tensor; the same
                   `SliceEncoder` (LUT windowing and 2x2 area resize fused in one numba kernel)
      (a) plain    pydicom dcmread + pixel_array, float numpy windows, torch area resize
      (b) MONAI    LoadImage(PydicomReader) + ScaleIntensityRange per window + Resize(area)
-   and medmoco's breakdown per file: read, header, checks and pixel view, window+resize, write.
+   and medmoco's breakdown per file: read (as the job reads), header, checks and pixel view,
+   window+resize, their sum, and the store (written and synced by the chunk's writer thread).
 2. The whole job from files on disk (`medmoco preprocess`, a fresh process each run), as its
    marginal rate: (time for 2N files - time for N files) / N, so that process start-up and the
-   cache's assembly cancel; with 1 and 2 worker processes. Targets: >= 1,000 files/s per worker,
+   cache's assembly cancel; with 1 and 2 worker processes; N a multiple of 2 chunks of 1024 so
+   that both workers stay busy in both runs. Targets: >= 1,000 files/s per worker,
    >= 5x the plain loop (a).
 3. Random reads of a cache of --readback distinct images (default 20,000, 3.9 GB), with its chunk
    files dropped from the page cache first (cold: posix_fadvise DONTNEED) and then warm.
@@ -101,49 +103,65 @@ def per_file(paths: list[str], repeats: int) -> dict:
                 fn(item)
         steps[name] = (time.perf_counter() - start) / (repeats * len(items)) * 1000
 
-    def read(path):
-        with open(path, "rb") as handle:
-            handle.read()
+    from dicom_preprocess.sources import InputArchive
 
-    timed("read (open + read, page cache warm)", read, paths)
+    archive = InputArchive(os.path.dirname(paths[0]))
+    sources = {s.name: s for s in archive.list()}
+    listed = [sources[os.path.basename(p)] for p in paths]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for _ in archive.read_many(listed):
+            pass
+    steps["read (the job's InputArchive.read_many, page cache warm)"] = \
+        (time.perf_counter() - start) / (repeats * len(listed)) * 1000
     timed("header (fast parse)", fast_dataset, blobs)
     header = steps["header (fast parse)"]
     timed("header + checks + pixel view", lambda b: read_dicom(b), blobs)
     steps["checks + pixel view"] = steps.pop("header + checks + pixel view") - header
     timed("window + resize (fused kernel)", lambda im: encoder.encode(im, out=row), images)
-    from dicom_preprocess.cache import write_chunk
+    steps["sum of the decoding thread's steps"] = sum(steps.values())
+    from dicom_preprocess.cache import ChunkWriter
 
-    chunk = np.zeros((1024, 3, 256, 256), np.uint8)
+    # The job's store: ChunkWriter writes and fdatasyncs the rows of a 1024-file chunk from its own
+    # thread while the chunk decodes. Timed here alone (filling the rows is a copy), so this is
+    # the writer thread's work per file, not time the decoding thread waits for.
     work = tempfile.mkdtemp(prefix="medmoco-bench-write-")
+    rows = None
     start = time.perf_counter()
-    for k in range(2):
-        write_chunk(work, k, chunk, [{} for _ in range(1024)], [])
-    steps["write (a 1024-row chunk, fsynced), per file"] = (time.perf_counter() - start) / 2048 * 1000
+    for k in range(3):
+        writer = ChunkWriter(work, k, row.shape, 1024, rows=rows)
+        for _ in range(1024):
+            writer.next_row()[:] = row
+            writer.commit()
+        writer.finish([{} for _ in range(1024)], [])
+        rows = writer.rows
+    steps["store (writer thread: write + fdatasync, 1024-row chunks)"] = (time.perf_counter() - start) / 3072 * 1000
     shutil.rmtree(work)
     return {"rates": rates, "steps_ms": steps}
 
 
-def job_marginal(paths: list[str], work: str, workers: int, n: int, attempts: int = 2) -> dict:
+def job_marginal(paths: list[str], work: str, workers: int, n: int, attempts: int = 2, out_dir: str = "") -> dict:
     """(time for 2N files - time for N files) / N, each a fresh `medmoco preprocess` process (the
-    best of ``attempts`` runs each)."""
-    times = {}
+    best of ``attempts`` runs each: on a shared machine other work only ever adds time; the spread,
+    slowest minus best, is returned too); the caches are written under ``out_dir`` (default ``work``)."""
+    times, spread = {}, {}
     for count in (n, 2 * n):
         folder = os.path.join(work, f"in{count}")
         if not os.path.isdir(folder):
             os.makedirs(folder)
             for path in paths[:count]:
                 os.link(path, os.path.join(folder, os.path.basename(path)))
-        best = float("inf")
+        runs = []
         for attempt in range(attempts):
-            out = os.path.join(work, f"out{count}-{workers}-{attempt}")
+            out = os.path.join(out_dir or work, f"out{count}-{workers}-{attempt}")
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", folder, "--out", out,
                             "--workers", str(workers), "--size", "256", "--quiet"], check=True, cwd=REPO,
                            capture_output=True)
-            best = min(best, time.perf_counter() - start)
+            runs.append(time.perf_counter() - start)
             shutil.rmtree(out)
-        times[count] = best
-    return {"files_per_s": n / max(times[2 * n] - times[n], 1e-9), "seconds": times}
+        times[count], spread[count] = min(runs), max(runs) - min(runs)
+    return {"files_per_s": n / max(times[2 * n] - times[n], 1e-9), "seconds": times, "spread": spread}
 
 
 def drop_from_page_cache(paths: list[str]) -> None:
@@ -184,14 +202,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=600, help="files for the per-file comparison")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--job-files", dest="job_files", type=int, default=2000, help="N of the marginal job rate")
+    parser.add_argument("--job-files", dest="job_files", type=int, default=2048,
+                        help="N of the marginal job rate (rounded up to a multiple of 2 x 1024: whole chunks for "
+                             "each of 2 workers, or the marginal rate measures an idle worker)")
     parser.add_argument("--readback", type=int, default=20000, help="distinct images of the read-back cache")
     parser.add_argument("--attempts", type=int, default=2, help="runs of each job size (the best counts)")
+    parser.add_argument("--job-out", dest="job_out", default="",
+                        help="also run the job with its cache on this filesystem (e.g. /dev/shm), to tell the "
+                             "workers' rate from the storage's")
     parser.add_argument("--skip", default="", help="comma list of 1,2,3 to skip")
     args = parser.parse_args()
     from dicom_preprocess.synthetic import write_distinct_slices
 
     skip = set(args.skip.split(","))
+    args.job_files = -(-args.job_files // 2048) * 2048  # the job's 1024-file chunks, two workers
     work = tempfile.mkdtemp(prefix="medmoco-bench-")
     try:
         paths = write_distinct_slices(os.path.join(work, "files"), max(args.files, 2 * args.job_files))
@@ -212,12 +236,26 @@ def main() -> None:
                 if "1" in skip else result["rates"]["(a) pydicom + numpy + torch"]
             print(f"\n2. the whole job (`medmoco preprocess`, files on disk), marginal rate over N = {args.job_files}")
             rates = {}
-            for workers in (1, 2):
-                job = job_marginal(paths, work, workers, args.job_files, args.attempts)
-                rates[workers] = job["files_per_s"]
-                print(f"   {workers} worker(s): {job['files_per_s']:7.0f} files/s ({job['files_per_s'] / workers:6.0f} per "
-                      f"worker; {args.job_files} files {job['seconds'][args.job_files]:.2f} s, {2 * args.job_files} files "
-                      f"{job['seconds'][2 * args.job_files]:.2f} s); {job['files_per_s'] / plain:5.1f}x the plain loop")
+            targets = [("", "the work folder's disk")] + ([(args.job_out, args.job_out)] if args.job_out else [])
+            for out_dir, where in targets:
+                print(f"   cache written to {where}:")
+                for workers in (1, 2):
+                    job = job_marginal(paths, work, workers, args.job_files, args.attempts, out_dir)
+                    rates.setdefault(workers, job["files_per_s"])
+                    print(f"   {workers} worker(s): {job['files_per_s']:7.0f} files/s ({job['files_per_s'] / workers:6.0f} "
+                          f"per worker; {args.job_files} files {job['seconds'][args.job_files]:.2f} s "
+                          f"+{job['spread'][args.job_files]:.2f}, {2 * args.job_files} files "
+                          f"{job['seconds'][2 * args.job_files]:.2f} s +{job['spread'][2 * args.job_files]:.2f}); "
+                          f"{job['files_per_s'] / plain:5.1f}x the plain loop")
+            if "1" not in skip:
+                store_ms = result["steps_ms"]["store (writer thread: write + fdatasync, 1024-row chunks)"]
+                mb_s = 3 * 256 * 256 / store_ms / 1000
+                print(f"   the disk takes {mb_s:.0f} MB/s written and synced (part 1's store): at most "
+                      f"{1000 / store_ms:.0f} files/s for all workers together")
+            if "1" not in skip:
+                steps_ms = result["steps_ms"]["sum of the decoding thread's steps"]
+                print(f"   per file in the job with 1 worker: {1000 / rates[1]:.3f} ms, against {steps_ms:.3f} ms "
+                      "of decoding steps in part 1 (the rest: the job's bookkeeping and the store's share)")
             print(f"   scaling, 2 workers vs 1: {rates[2] / rates[1]:.2f}x (targets: >= 1,000 files/s per worker, "
                   ">= 5x the plain loop)")
         if "3" not in skip:

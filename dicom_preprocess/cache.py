@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 
-from .files import atomic_file, atomic_write_json
+from .files import atomic_write_json
 from .labels import SUBTYPES
 
 CHUNK_PREFIX = "chunk_"
@@ -43,14 +45,175 @@ def chunk_stem(parts_dir: str, chunk: int) -> str:
 
 def write_chunk(parts_dir: str, chunk: int, pixels: np.ndarray, records: list[dict], errors: list[dict]) -> None:
     """Store one finished chunk: pixels first, then the .json that marks it complete."""
-    stem = chunk_stem(parts_dir, chunk)
     pixels = np.ascontiguousarray(pixels)
-    with atomic_file(f"{stem}.npy") as handle:
-        # The .npy format written by hand: np.save on a real file uses ndarray.tofile, which
-        # reports a full disk as "N requested and M written" without errno ENOSPC.
-        np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(pixels))
-        handle.write(pixels.data)
-    atomic_write_json(f"{stem}.json", {"chunk": chunk, "records": records, "errors": errors})
+    writer = ChunkWriter(parts_dir, chunk, pixels.shape[1:], len(pixels), rows=pixels, streaming=False)
+    writer.count = len(pixels)
+    writer.finish(records, errors)
+
+
+class ChunkWriter:
+    """One chunk's pixels, stored while the chunk is still being decoded.
+
+    The decoder encodes each slice straight into :meth:`next_row`. When an input is complete
+    (:meth:`commit`), a writer thread copies its rows to the chunk's temporary ``.npy`` and
+    syncs them (``fdatasync``) in batches of ~8 MB, so that writing and syncing 200 MB per chunk overlap
+    the decoding instead of following it (measured: 0.52 ms per file when written and fsynced at
+    the end of the chunk, as long as decoding one file). :meth:`finish` writes what is left, the
+    ``.npy`` header with the final row count, syncs, renames the file into place and only then
+    writes the ``.json`` that marks the chunk complete: a chunk is still either absent or whole,
+    whenever the process is killed. Until then the file exists only as ``chunk_N.npy.tmp<pid>``.
+
+    Rows of an input that fails half-way (a volume) are dropped with :meth:`truncate`; they were
+    never committed, so the writer thread has not read them. ``rows`` may be passed in to reuse
+    one buffer from chunk to chunk: a fresh 200 MB buffer per chunk cost ~0.2 ms of page faults
+    per file on its first touch.
+
+    Raises:
+        OSError: from :meth:`commit` or :meth:`finish`, when the writer thread failed (ENOSPC).
+    """
+
+    BATCH_BYTES = 8 * 2**20
+
+    def __init__(self, parts_dir: str, chunk: int, row_shape: tuple, capacity: int, rows: np.ndarray | None = None,
+                 streaming: bool = True):
+        self.row_shape = tuple(row_shape)
+        if rows is None or rows.shape[1:] != self.row_shape or len(rows) < capacity or rows.dtype != np.uint8:
+            rows = np.empty((max(1, capacity),) + self.row_shape, dtype=np.uint8)
+        self.rows = rows
+        self.row_bytes = int(np.prod(self.row_shape))
+        self.chunk, self.parts_dir = chunk, parts_dir
+        self.path = f"{chunk_stem(parts_dir, chunk)}.npy"
+        self.tmp = f"{self.path}.tmp{os.getpid()}"
+        # numpy leaves room for 21 digits of the first axis in a v1.0 header ("so that the array
+        # header can be modified in-place"), so the data offset does not depend on the row count.
+        self.data_offset = len(_npy_header(0, self.row_shape))
+        self.count = 0  # rows filled (the next row's index)
+        self._committed = 0  # rows of complete inputs: the writer thread may copy [written, committed)
+        self._written = 0
+        self._closing = False
+        self._error: OSError | None = None
+        self._lock = threading.Condition()
+        self._batch_rows = max(1, self.BATCH_BYTES // self.row_bytes)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._thread = None
+        if streaming:
+            self._thread = threading.Thread(target=self._write_batches, name=f"chunk-{chunk}-writer", daemon=True)
+            self._thread.start()
+
+    # -- the decoder's side --------------------------------------------------------------------
+    def next_row(self) -> np.ndarray:
+        """The (C, H, W) uint8 row the next slice is encoded into."""
+        if self.count == len(self.rows):  # volumes: more slices than inputs
+            grown = np.empty((2 * len(self.rows),) + self.row_shape, dtype=np.uint8)
+            grown[: self.count] = self.rows[: self.count]
+            with self._lock:  # the writer thread takes its reference to the rows under the lock
+                self.rows = grown
+        self.count += 1
+        return self.rows[self.count - 1]
+
+    def truncate(self, count: int) -> None:
+        """Drop the rows from ``count`` on (an input that failed after some of its slices)."""
+        self.count = max(self._committed, min(self.count, count))
+
+    def commit(self) -> None:
+        """The rows filled so far are final: the writer thread may store them."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            self._committed = self.count
+            if self._committed - self._written >= self._batch_rows:
+                self._lock.notify()
+
+    def finish(self, records: list[dict], errors: list[dict]) -> None:
+        """Store the rest, put the .npy in place, then the .json that marks the chunk complete."""
+        self.commit()
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._store(self.rows, self._written, self.count)
+        _pwrite_all(self.fd, _npy_header(self.count, self.row_shape), 0)
+        os.ftruncate(self.fd, self.data_offset + self.count * self.row_bytes)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.path)
+        atomic_write_json(f"{chunk_stem(self.parts_dir, self.chunk)}.json",
+                          {"chunk": self.chunk, "records": records, "errors": errors}, compact=True)
+
+    def abort(self) -> None:
+        """Stop the writer thread and remove the temporary file (after an error)."""
+        with self._lock:
+            self._closing = True
+            self._committed = self._written  # nothing more to store
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _write_batches(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # the decoder's SIGALRM time bound is for the main thread
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        while True:
+            with self._lock:
+                while not self._closing and self._committed - self._written < self._batch_rows:
+                    self._lock.wait()
+                if self._closing:
+                    return  # finish() stores the tail in the caller's thread
+                rows, start, stop = self.rows, self._written, self._committed
+            try:
+                self._store(rows, start, stop)
+                os.fdatasync(self.fd)
+            except OSError as err:
+                with self._lock:
+                    self._error = err
+                return
+            with self._lock:
+                self._written = stop
+
+    def _store(self, rows: np.ndarray, start: int, stop: int) -> None:
+        if stop > start:
+            _pwrite_all(self.fd, rows[start:stop], self.data_offset + start * self.row_bytes)
+
+
+def _npy_header(count: int, row_shape: tuple) -> bytes:
+    """The .npy v1.0 header of a uint8 (count, *row_shape) C-order array."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": (count,) + tuple(row_shape)})
+    return buffer.getvalue()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written (a write may be short). Written by hand
+    rather than through ``ndarray.tofile``, which reports a full disk as "N requested and M
+    written" without errno ENOSPC (the job's StorageFull needs the errno)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def remove_partial_chunk(parts_dir: str, chunk: int) -> None:
+    """Delete what a killed run left of a chunk it had not finished (``chunk_N.npy.tmp<pid>``:
+    up to 200 MB each, never read)."""
+    import glob
+
+    for path in glob.glob(f"{glob.escape(chunk_stem(parts_dir, chunk))}.*.tmp*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def read_job_record(parts_dir: str) -> dict:

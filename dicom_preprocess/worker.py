@@ -132,6 +132,7 @@ class ChunkWorker:
         self.failpoints = Failpoints.from_environment()
         self.modalities = tuple(config.modalities) or None
         self.in_worker_process = in_worker_process
+        self._rows = None  # the chunk buffer, kept from one chunk to the next
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -168,7 +169,9 @@ class ChunkWorker:
         """Process and store one chunk; returns (chunk, cached, skipped)."""
         records, errors = [], []
         readable = [s for s in sources if not s.skip_reason and s.name not in self.quarantine]
-        pixels = _ChunkPixels(len(readable), len(self.encoder.windows), self.config.size)
+        row_shape = (len(self.encoder.windows), self.config.size, self.config.size)
+        # The chunk's rows are written to disk by a thread while the chunk decodes (ChunkWriter)
+        pixels = cache_io.ChunkWriter(self.parts, chunk, row_shape, len(readable), rows=self._rows)
         in_flight = InFlight(self.parts, chunk)
         try:
             with DecoderMessages() as messages:
@@ -178,6 +181,7 @@ class ChunkWorker:
                         self._decode(source, data, pixels, records, errors, in_flight)
                     finally:
                         in_flight.idle()
+                    pixels.commit()
                     said = messages.take()
                     if said:
                         if errors and errors[-1]["source"] == source.name:
@@ -191,13 +195,17 @@ class ChunkWorker:
             errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
                           if not s.skip_reason and s.name in self.quarantine)
             errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
-            cache_io.write_chunk(self.parts, chunk, pixels.array(), records, errors)
+            pixels.finish(records, errors)
+        except BaseException:
+            pixels.abort()
+            raise
         finally:
             in_flight.close()
+            self._rows = pixels.rows  # the next chunk fills the same (already faulted-in) buffer
         clear_in_flight(self.parts, chunk)
         return chunk, len(records), len(errors)
 
-    def _decode(self, source: Source, data, pixels: "_ChunkPixels", records: list, errors: list,
+    def _decode(self, source: Source, data, pixels: cache_io.ChunkWriter, records: list, errors: list,
                 in_flight: InFlight) -> None:
         """One input -> its slices added to ``pixels``/``records``, or one entry in ``errors``."""
         config = self.config
@@ -246,29 +254,6 @@ class ChunkWorker:
             if not complete:  # an input is cached whole or not at all (a volume may fail half-way)
                 pixels.truncate(first)
                 del records[first:]
-
-
-class _ChunkPixels:
-    """The chunk's pixels, encoded straight into their rows (no per-slice array and no final
-    stack: for a 1024-file chunk that copy alone moved 200 MB). Grows for volumes."""
-
-    def __init__(self, capacity: int, channels: int, size: int):
-        self.buffer = np.empty((max(1, capacity), channels, size, size), dtype=np.uint8)
-        self.count = 0
-
-    def next_row(self) -> np.ndarray:
-        if self.count == len(self.buffer):
-            grown = np.empty((2 * len(self.buffer),) + self.buffer.shape[1:], dtype=np.uint8)
-            grown[: self.count] = self.buffer
-            self.buffer = grown
-        self.count += 1
-        return self.buffer[self.count - 1]
-
-    def truncate(self, count: int) -> None:
-        self.count = min(self.count, count)
-
-    def array(self) -> np.ndarray:
-        return self.buffer[: self.count]
 
 
 _WORKER: ChunkWorker | None = None

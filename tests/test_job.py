@@ -178,13 +178,16 @@ def test_bad_files_in_a_folder_are_recorded_and_the_rest_cached(archive, tmp_pat
         (src / name).write_bytes(open(os.path.join(archive.images_dir, name), "rb").read())
     (src / "ID_truncated.dcm").write_bytes((src / good[0]).read_bytes()[:5000])
     (src / "ID_empty.dcm").write_bytes(b"")
+    with open(src / "ID_huge.dcm", "wb") as handle:  # sparse: one byte past the 256 MB bound
+        handle.truncate(256 * 2**20 + 1)
     (src / "readme.txt").write_text("ignored")
     out = tmp_path / "out"
     summary = run_preprocess(PreprocessConfig(input=str(src), out=str(out), size=64, workers=1), progress=False)
     cache = open_cache(str(out))
-    assert len(cache) == 3 and summary.skipped == 2
+    assert len(cache) == 3 and summary.skipped == 3
     errors = cache.errors()
-    assert set(errors.source) == {"ID_truncated.dcm", "ID_empty.dcm"}
+    assert set(errors.source) == {"ID_truncated.dcm", "ID_empty.dcm", "ID_huge.dcm"}
+    assert errors.set_index("source").reason["ID_huge.dcm"] == "file larger than 256 MB"
     assert not cache.manifest.labeled.any()
 
 

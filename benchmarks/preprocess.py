@@ -1,6 +1,6 @@
 """Preprocessing speed: medmoco against two baselines, per file and as the whole job; cache reads.
 
-    python benchmarks/preprocess.py [--files 600] [--job-files 2000] [--readback 20000]
+    python benchmarks/preprocess.py [--files 600] [--job-files 2048] [--readback 20000] [--job-out /dev/shm]
 
 Every side gets the same input: distinct RSNA-size slices (512x512, 16-bit, Explicit VR Little
 Endian, the four RSNA encodings, each file its own noise) written to disk, read by path from a warm
@@ -15,9 +15,10 @@ page cache; the same output, the default 3-window 256x256 uint8 tensor; the same
    window+resize, their sum, and the store (written and synced by the chunk's writer thread).
 2. The whole job from files on disk (`medmoco preprocess`, a fresh process each run), as its
    marginal rate: (time for 2N files - time for N files) / N, so that process start-up and the
-   cache's assembly cancel; with 1 and 2 worker processes; N a multiple of 2 chunks of 1024 so
-   that both workers stay busy in both runs. Targets: >= 1,000 files/s per worker,
-   >= 5x the plain loop (a).
+   cache's assembly cancel (the median of --attempts pairs run in turn), and its CPU ms per file;
+   with 1 and 2 worker processes; N a multiple of 2 chunks of 1024 so that both workers stay busy
+   in both runs; the cache on the work folder's disk and, with --job-out, elsewhere (tmpfs).
+   Targets: >= 1,000 files/s per worker, >= 5x the plain loop (a).
 3. Random reads of a cache of --readback distinct images (default 20,000, 3.9 GB), with its chunk
    files dropped from the page cache first (cold: posix_fadvise DONTNEED) and then warm.
 """
@@ -140,28 +141,44 @@ def per_file(paths: list[str], repeats: int) -> dict:
     return {"rates": rates, "steps_ms": steps}
 
 
-def job_marginal(paths: list[str], work: str, workers: int, n: int, attempts: int = 2, out_dir: str = "") -> dict:
-    """(time for 2N files - time for N files) / N, each a fresh `medmoco preprocess` process (the
-    best of ``attempts`` runs each: on a shared machine other work only ever adds time; the spread,
-    slowest minus best, is returned too); the caches are written under ``out_dir`` (default ``work``)."""
-    times, spread = {}, {}
+def job_marginal(paths: list[str], work: str, workers: int, n: int, attempts: int = 3, out_dir: str = "",
+                 files_per_shard: int = 1024) -> dict:
+    """The job's marginal cost of N files: (run with 2N files) - (run with N files), each a fresh
+    `medmoco preprocess` process; the caches are written under ``out_dir`` (default ``work``).
+
+    The two sizes run in turn (N, 2N, N, 2N, ...) and the median of the ``attempts`` paired
+    differences counts, so that a slow spell of a shared machine lands on both sides of a pair.
+    Besides wall time, the CPU time of the job and its workers (user + sys, from
+    ``RUSAGE_CHILDREN``): CPU ms per file hardly moves with other tenants and says what one core
+    can do, where wall time says what this machine did.
+    """
+    import resource
+
+    folders = {}
     for count in (n, 2 * n):
-        folder = os.path.join(work, f"in{count}")
-        if not os.path.isdir(folder):
-            os.makedirs(folder)
+        folders[count] = os.path.join(work, f"in{count}")
+        if not os.path.isdir(folders[count]):
+            os.makedirs(folders[count])
             for path in paths[:count]:
-                os.link(path, os.path.join(folder, os.path.basename(path)))
-        runs = []
-        for attempt in range(attempts):
+                os.link(path, os.path.join(folders[count], os.path.basename(path)))
+    wall, cpu = {n: [], 2 * n: []}, {n: [], 2 * n: []}
+    for attempt in range(attempts):
+        for count in (n, 2 * n):
             out = os.path.join(out_dir or work, f"out{count}-{workers}-{attempt}")
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", folder, "--out", out,
-                            "--workers", str(workers), "--size", "256", "--quiet"], check=True, cwd=REPO,
-                           capture_output=True)
-            runs.append(time.perf_counter() - start)
+            subprocess.run([sys.executable, "-m", "medmoco", "preprocess", "--input", folders[count], "--out", out,
+                            "--workers", str(workers), "--size", "256", "--files-per-shard", str(files_per_shard),
+                            "--quiet"], check=True, cwd=REPO, capture_output=True)
+            wall[count].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[count].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             shutil.rmtree(out)
-        times[count], spread[count] = min(runs), max(runs) - min(runs)
-    return {"files_per_s": n / max(times[2 * n] - times[n], 1e-9), "seconds": times, "spread": spread}
+    diffs = np.array(wall[2 * n]) - np.array(wall[n])
+    cpu_diffs = np.array(cpu[2 * n]) - np.array(cpu[n])
+    return {"files_per_s": n / max(float(np.median(diffs)), 1e-9), "diff_range": (diffs.min(), diffs.max()),
+            "seconds": {k: float(np.median(v)) for k, v in wall.items()},
+            "cpu_ms_per_file": float(np.median(cpu_diffs)) / n * 1000}
 
 
 def drop_from_page_cache(paths: list[str]) -> None:
@@ -203,10 +220,12 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=600, help="files for the per-file comparison")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--job-files", dest="job_files", type=int, default=2048,
-                        help="N of the marginal job rate (rounded up to a multiple of 2 x 1024: whole chunks for "
+                        help="N of the marginal job rate (rounded up to a multiple of 2 chunks: whole chunks for "
                              "each of 2 workers, or the marginal rate measures an idle worker)")
+    parser.add_argument("--files-per-shard", dest="files_per_shard", type=int, default=1024,
+                        help="the job's chunk size (its default)")
     parser.add_argument("--readback", type=int, default=20000, help="distinct images of the read-back cache")
-    parser.add_argument("--attempts", type=int, default=2, help="runs of each job size (the best counts)")
+    parser.add_argument("--attempts", type=int, default=5, help="pairs of job runs (N, 2N); the median counts")
     parser.add_argument("--job-out", dest="job_out", default="",
                         help="also run the job with its cache on this filesystem (e.g. /dev/shm), to tell the "
                              "workers' rate from the storage's")
@@ -215,7 +234,8 @@ def main() -> None:
     from dicom_preprocess.synthetic import write_distinct_slices
 
     skip = set(args.skip.split(","))
-    args.job_files = -(-args.job_files // 2048) * 2048  # the job's 1024-file chunks, two workers
+    pair = 2 * args.files_per_shard  # a chunk for each of two workers
+    args.job_files = -(-args.job_files // pair) * pair
     work = tempfile.mkdtemp(prefix="medmoco-bench-")
     try:
         paths = write_distinct_slices(os.path.join(work, "files"), max(args.files, 2 * args.job_files))
@@ -240,13 +260,14 @@ def main() -> None:
             for out_dir, where in targets:
                 print(f"   cache written to {where}:")
                 for workers in (1, 2):
-                    job = job_marginal(paths, work, workers, args.job_files, args.attempts, out_dir)
+                    job = job_marginal(paths, work, workers, args.job_files, args.attempts, out_dir,
+                                       args.files_per_shard)
                     rates.setdefault(workers, job["files_per_s"])
+                    low, high = job["diff_range"]
                     print(f"   {workers} worker(s): {job['files_per_s']:7.0f} files/s ({job['files_per_s'] / workers:6.0f} "
-                          f"per worker; {args.job_files} files {job['seconds'][args.job_files]:.2f} s "
-                          f"+{job['spread'][args.job_files]:.2f}, {2 * args.job_files} files "
-                          f"{job['seconds'][2 * args.job_files]:.2f} s +{job['spread'][2 * args.job_files]:.2f}); "
-                          f"{job['files_per_s'] / plain:5.1f}x the plain loop")
+                          f"per worker; {args.job_files} more files took {args.job_files / job['files_per_s']:.2f} s, "
+                          f"{low:.2f}-{high:.2f} over {args.attempts} pairs; {job['cpu_ms_per_file']:.3f} CPU ms "
+                          f"per file); {job['files_per_s'] / plain:5.1f}x the plain loop")
             if "1" not in skip:
                 store_ms = result["steps_ms"]["store (writer thread: write + fdatasync, 1024-row chunks)"]
                 mb_s = 3 * 256 * 256 / store_ms / 1000

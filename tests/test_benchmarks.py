@@ -40,11 +40,12 @@ def test_pretrain_feed_rate_and_step_ratio():
 
 
 @pytest.mark.slow
-def test_preprocess_per_file_job_and_readback():
-    out = _run("preprocess.py", "--files", "8", "--repeats", "1", "--job-files", "8", "--attempts", "1",
-               "--readback", "300")
+def test_preprocess_per_file_job_and_readback(tmp_path):
+    out = _run("preprocess.py", "--files", "8", "--repeats", "1", "--job-files", "8", "--files-per-shard", "4",
+               "--attempts", "1", "--readback", "300", "--job-out", str(tmp_path))
     assert "medmoco" in out and "window + resize" in out and "per worker" in out
-    assert re.search(r"2 worker\(s\): +\d+ files/s", out) and "page cache cold" in out and "page cache warm" in out
+    assert len(re.findall(r"2 worker\(s\): +\d+ files/s", out)) == 2 and "the disk takes" in out
+    assert "page cache cold" in out and "page cache warm" in out
 
 
 def test_evaluation_bootstrap_benchmark_agrees_with_the_naive_loop():

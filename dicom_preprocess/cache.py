@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from .files import atomic_write_json
+from .files import AtomicFile, atomic_write_json, leftover_temporaries
 from .labels import SUBTYPES
 
 CHUNK_PREFIX = "chunk_"
@@ -46,6 +46,8 @@ def chunk_stem(parts_dir: str, chunk: int) -> str:
 def write_chunk(parts_dir: str, chunk: int, pixels: np.ndarray, records: list[dict], errors: list[dict]) -> None:
     """Store one finished chunk: pixels first, then the .json that marks it complete."""
     pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype != np.uint8:  # the cache's format; ChunkWriter would not use such rows
+        raise ValueError(f"chunk {chunk}: pixels are {pixels.dtype}, the cache stores uint8")
     writer = ChunkWriter(parts_dir, chunk, pixels.shape[1:], len(pixels), rows=pixels, streaming=False)
     writer.count = len(pixels)
     writer.finish(records, errors)
@@ -82,8 +84,6 @@ class ChunkWriter:
         self.rows = rows
         self.row_bytes = int(np.prod(self.row_shape))
         self.chunk, self.parts_dir = chunk, parts_dir
-        self.path = f"{chunk_stem(parts_dir, chunk)}.npy"
-        self.tmp = f"{self.path}.tmp{os.getpid()}"
         # numpy leaves room for 21 digits of the first axis in a v1.0 header ("so that the array
         # header can be modified in-place"), so the data offset does not depend on the row count.
         self.data_offset = len(_npy_header(0, self.row_shape))
@@ -94,7 +94,8 @@ class ChunkWriter:
         self._error: OSError | None = None
         self._lock = threading.Condition()
         self._batch_rows = max(1, self.BATCH_BYTES // self.row_bytes)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._file = AtomicFile(f"{chunk_stem(parts_dir, chunk)}.npy")  # rows go in with pwrite on its fd
+        self.tmp, self.fd = self._file.tmp, self._file.handle.fileno()
         self._thread = None
         if streaming:
             self._thread = threading.Thread(target=self._write_batches, name=f"chunk-{chunk}-writer", daemon=True)
@@ -137,10 +138,7 @@ class ChunkWriter:
         self._store(self.rows, self._written, self.count)
         _pwrite_all(self.fd, _npy_header(self.count, self.row_shape), 0)
         os.ftruncate(self.fd, self.data_offset + self.count * self.row_bytes)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        os.replace(self.tmp, self.path)
+        self._file.commit()
         atomic_write_json(f"{chunk_stem(self.parts_dir, self.chunk)}.json",
                           {"chunk": self.chunk, "records": records, "errors": errors}, compact=True)
 
@@ -148,15 +146,10 @@ class ChunkWriter:
         """Stop the writer thread and remove the temporary file (after an error)."""
         with self._lock:
             self._closing = True
-            self._committed = self._written  # nothing more to store
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self._file.discard()
 
     # -- the writer thread -----------------------------------------------------------------------
     def _write_batches(self) -> None:
@@ -204,16 +197,18 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def remove_partial_chunk(parts_dir: str, chunk: int) -> None:
-    """Delete what a killed run left of a chunk it had not finished (``chunk_N.npy.tmp<pid>``:
-    up to 200 MB each, never read)."""
-    import glob
-
-    for path in glob.glob(f"{glob.escape(chunk_stem(parts_dir, chunk))}.*.tmp*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def remove_partial_chunks(parts_dir: str, chunks) -> None:
+    """Delete what a killed run left of ``chunks`` it had not finished (``chunk_N.npy.tmp<pid>``:
+    up to 200 MB each, never read). One listing of the folder for all of them: a job resumes with
+    hundreds of chunks pending."""
+    names = os.listdir(parts_dir)
+    for chunk in chunks:
+        for suffix in (".npy", ".json"):
+            for name in leftover_temporaries(f"{chunk_stem(parts_dir, chunk)}{suffix}", names):
+                try:
+                    os.unlink(os.path.join(parts_dir, name))
+                except FileNotFoundError:
+                    pass
 
 
 def read_job_record(parts_dir: str) -> dict:

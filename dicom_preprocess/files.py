@@ -10,7 +10,43 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
+
+
+class AtomicFile:
+    """``path`` written under a temporary name beside it (``<path>.tmp<pid>``): :meth:`commit`
+    flushes, fsyncs and renames it into place; :meth:`discard` removes it. For writers that cannot
+    live inside one ``with`` block (the chunk writer streams from a thread); others use
+    :func:`atomic_file`.
+
+    Args:
+        path: the final file name; its folder must exist.
+        mode: ``"wb"`` or ``"w"``.
+    """
+
+    def __init__(self, path: str, mode: str = "wb"):
+        self.path = path
+        self.tmp = f"{path}.tmp{os.getpid()}"
+        self.handle = open(self.tmp, mode)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Remove the temporary file (nothing to do after :meth:`commit`)."""
+        self.handle.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def leftover_temporaries(path: str, names: Iterable[str]) -> list[str]:
+    """Which of ``names`` (entries of ``path``'s folder) are :class:`AtomicFile` temporaries of
+    ``path`` that a killed process left behind."""
+    prefix = f"{os.path.basename(path)}.tmp"
+    return [name for name in names if name.startswith(prefix) and name[len(prefix):].isdigit()]
 
 
 @contextmanager
@@ -21,16 +57,12 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
         path: the final file name; its folder must exist.
         mode: ``"wb"`` or ``"w"``.
     """
-    tmp = f"{path}.tmp{os.getpid()}"
+    target = AtomicFile(path, mode)
     try:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield target.handle
+        target.commit()
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        target.discard()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -100,7 +100,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     pending = [task for task in mine if not cache_io.chunk_done(parts, task[0])]
     for chunk, _ in pending:  # markers and partial files left by a killed run say nothing about this one
         clear_in_flight(parts, chunk)
-        cache_io.remove_partial_chunk(parts, chunk)
+    cache_io.remove_partial_chunks(parts, [chunk for chunk, _ in pending])
     done_before = len(mine) - len(pending)
     files = sum(len(t[1]) for t in pending)
     cached = skipped = 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dicom_preprocess import cache as cache_io
-from dicom_preprocess.cache import ChunkWriter, chunk_done, chunk_stem, remove_partial_chunk
+from dicom_preprocess.cache import ChunkWriter, chunk_done, chunk_stem, remove_partial_chunks
 
 ROW = (3, 8, 8)  # 192 bytes a row
 
@@ -109,10 +109,17 @@ def test_write_chunk_stores_a_whole_array_in_the_same_format(tmp_path):
         assert json.load(handle)["chunk"] == 2
 
 
-def test_remove_partial_chunk_deletes_what_a_killed_run_left_and_nothing_else(tmp_path):
+def test_write_chunk_refuses_pixels_that_are_not_uint8(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        cache_io.write_chunk(str(tmp_path), 0, np.zeros((2,) + ROW, np.int16), [{}, {}], [])
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_partial_chunks_deletes_what_a_killed_run_left_and_nothing_else(tmp_path):
     stem = chunk_stem(str(tmp_path), 7)
-    for name in (f"{stem}.npy.tmp123", f"{stem}.json.tmp123", f"{chunk_stem(str(tmp_path), 8)}.npy.tmp9"):
+    for name in (f"{stem}.npy.tmp123", f"{stem}.json.tmp123", f"{chunk_stem(str(tmp_path), 6)}.npy.tmp5",
+                 f"{chunk_stem(str(tmp_path), 8)}.npy.tmp9"):
         open(name, "wb").close()
     cache_io.write_chunk(str(tmp_path), 7, np.zeros((1,) + ROW, np.uint8), [{}], [])
-    remove_partial_chunk(str(tmp_path), 7)
+    remove_partial_chunks(str(tmp_path), [6, 7])
     assert sorted(os.listdir(tmp_path)) == ["chunk_000007.json", "chunk_000007.npy", "chunk_000008.npy.tmp9"]

@@ -19,7 +19,7 @@ from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
 from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
-from .splits import assign_splits, check_fractions, split_fingerprints
+from .splits import SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
 
 
@@ -194,12 +194,12 @@ def attach_labels(manifest: pd.DataFrame, table: pd.DataFrame) -> tuple[pd.DataF
 def _record_splits(metadata: dict, manifest: pd.DataFrame, fractions: dict, seed: int) -> None:
     """The split settings, counts and fingerprints in ``metadata``, and the cache fingerprint
     (preprocessing, input, labels and splits: it changes when any of them does)."""
-    metadata.update({"split_fractions": dict(fractions), "seed": int(seed),
+    metadata.update({"split_fractions": dict(fractions), "seed": int(seed), "split_method": SPLIT_METHOD,
                      "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
                      "split_fingerprints": split_fingerprints(manifest, SUBTYPES)})
     identity = {"windows": metadata["windows"], "window_mode": metadata["window_mode"], "size": metadata["size"],
                 "input": metadata["input_fingerprint"], "labels": metadata["labels"], "splits": metadata["split_fractions"],
-                "seed": metadata["seed"]}
+                "split_method": metadata["split_method"], "seed": metadata["seed"]}
     metadata["cache_fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,15 +14,39 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .labels import SUBTYPES
+
 SPLITS = ("unsupervised", "train", "val", "test")
 DEFAULT_FRACTIONS = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0.05}
+# Patients are stratified on these; "any" adds nothing, every positive has a subtype.
+STRATIFY_ON = tuple(name for name in SUBTYPES if name != "any")
+# Recorded in metadata.json and the cache fingerprint: the same fractions and seed under another
+# method are other splits.
+SPLIT_METHOD = "patients, iterative stratification on the subtypes"
 
 
-def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed: int) -> np.ndarray:
-    """Assign every row a split, grouping rows by patient.
+def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed: int,
+                   positives: pd.DataFrame | None = None, labeled: pd.Series | None = None) -> np.ndarray:
+    """Assign every row a split, grouping rows by patient, stratified on ``positives``.
 
-    Patients are shuffled with ``seed`` and laid along the cumulative slice count; a patient goes
-    to the split whose share of the slice count holds the middle of its slices.
+    Iterative stratification (Sechidis, Tsoumakas & Vlahavas, ECML 2011) over patients: take the
+    class with the fewest unassigned patients, send each of them (in a seeded shuffle) to the split
+    that still wants most slices of that class's patients, on a tie the one that wants most slices;
+    count the patient's slices against every class it has; repeat. Having labels counts as one
+    more class (the commonest, so it comes last); the rest go to the split that wants most slices
+    (placing by slices, not heads, keeps slice shares at ``fractions``). Each split so
+    holds about its share of every class's patients, a class with at least ``1 / share`` patients
+    is in every split, and slice shares stay close to ``fractions``. Without it a rare subtype
+    lands where chance puts it: the experiment's 22-patient test split once held none of its 21
+    epidural patients.
+
+    Args:
+        patient_ids: one per row.
+        fractions: split name -> share of the slices, summing to 1.
+        seed: the shuffle and the tie-breaks.
+        positives: one row per row of ``patient_ids``, a 0/1 column per class to stratify on; a
+            patient has a class when any of its rows does. ``None``: slices only.
+        labeled: per row, whether it has labels; labeled patients are stratified as a class.
 
     Returns:
         An array of split names, one per row.
@@ -34,14 +58,44 @@ def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed:
     shares = np.array([float(fractions[n]) for n in names])
     if (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
         raise ValueError(f"split fractions {dict(fractions)}: must be >= 0 and sum to 1")
-    counts = patient_ids.value_counts(sort=False)
-    patients = np.array(sorted(counts.index))
-    order = np.random.default_rng(seed).permutation(len(patients))
-    sizes = counts.loc[patients[order]].to_numpy()
-    middle = (np.cumsum(sizes) - sizes / 2.0) / sizes.sum()
-    bounds = np.cumsum(shares)
-    which = np.minimum(np.searchsorted(bounds, middle, side="right"), len(names) - 1)
-    assignment = dict(zip(patients[order], np.array(names)[which]))
+    group = patient_ids.to_numpy()
+    sizes = patient_ids.value_counts(sort=False)
+    patients = np.array(sorted(sizes.index))
+    sizes = sizes.loc[patients].to_numpy(dtype=float)
+    has = np.zeros((len(patients), 0), dtype=bool)
+    if positives is not None and positives.shape[1]:
+        has = (pd.DataFrame(positives.to_numpy() > 0).groupby(group).max().loc[patients].to_numpy())
+    if labeled is not None:  # "has labels" as one more class: each split gets its share of them
+        any_label = pd.Series(np.asarray(labeled, dtype=bool)).groupby(group).max().loc[patients].to_numpy()
+        has = np.column_stack([has, any_label])
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    closed = np.where(shares > 0, 0.0, -np.inf)  # a split with no share never takes anyone
+    want_class = shares[:, None] * (has * sizes[:, None]).sum(axis=0)[None, :] + closed[:, None]
+    want_slices = shares * sizes.sum() + closed
+    split = np.full(len(patients), -1)
+
+    def place(patient: int, preference: np.ndarray) -> None:
+        best = np.flatnonzero(preference == preference.max())  # exact ties: equal shares at the start
+        if len(best) > 1:
+            best = best[want_slices[best] == want_slices[best].max()]
+        chosen = best[0] if len(best) == 1 else rng.choice(best)
+        split[patient] = chosen
+        want_class[chosen] -= has[patient] * sizes[patient]
+        want_slices[chosen] -= sizes[patient]
+
+    while True:
+        left = has[order] & (split[order] < 0)[:, None]
+        counts = left.sum(axis=0)
+        if not counts.any():
+            break
+        rarest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(counts.dtype).max)))
+        for patient in order[left[:, rarest]]:
+            place(patient, want_class[:, rarest])
+    for patient in order[split[order] < 0]:
+        place(patient, want_slices)
+    assignment = dict(zip(patients, np.array(names)[split]))
     return patient_ids.map(assignment).to_numpy()
 
 
@@ -102,11 +156,16 @@ def _example() -> str:
 
 def assign_splits(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: int,
                   label_fraction: float) -> pd.DataFrame:
-    """``manifest`` with its ``split`` (grouped by patient, else study) and ``in_label_subset``
+    """``manifest`` with its ``split`` (grouped by patient, else study; stratified on the subtypes,
+    :func:`patient_splits`) and ``in_label_subset``
     (``label_fraction`` of the labeled train split, stratified on ``any``) columns set."""
     manifest = manifest.copy()
     group = manifest["patient_id"].where(manifest["patient_id"] != "", manifest["study_uid"])
-    manifest["split"] = patient_splits(group, fractions, seed) if len(manifest) else np.array([], dtype=object)
+    if len(manifest):
+        # unlabeled rows hold 0 in every subtype column
+        manifest["split"] = patient_splits(group, fractions, seed, manifest[list(STRATIFY_ON)], manifest["labeled"])
+    else:
+        manifest["split"] = np.array([], dtype=object)
     manifest["in_label_subset"] = False
     pool = np.flatnonzero((manifest["split"] == "train").to_numpy() & manifest["labeled"].to_numpy())
     if len(pool):

@@ -217,7 +217,9 @@ def resplit_cache(out: str, fractions: dict, seed: int) -> dict:
     fractions = check_fractions(fractions)
     cache = cache_io.open_cache(out)
     metadata = dict(cache.metadata)
-    previous = {"split_fractions": metadata.get("split_fractions"), "seed": metadata.get("seed")}
+    previous = {"split_fractions": metadata.get("split_fractions"), "seed": metadata.get("seed"),
+                # caches split before stratification recorded no method
+                "split_method": metadata.get("split_method", "patients, unstratified")}
     manifest = assign_splits(cache.manifest, fractions, seed, float(metadata.get("label_fraction", 0.2)))
     with atomic_file(os.path.join(out, cache_io.MANIFEST)) as handle:
         manifest.to_parquet(handle, index=False)

@@ -104,5 +104,6 @@ def run_split(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int(open_cache(args.cache).metadata.get("seed", 0))
     meta = resplit_cache(args.cache, fractions, seed)
     counts = ", ".join(f"{name} {meta['split_counts'].get(name, 0)}" for name in fractions)
-    print(f"split {args.cache} by patient (seed {seed}): {counts} images; cache fingerprint {meta['cache_fingerprint']}")
+    print(f"split {args.cache} by patient, stratified on the subtypes (seed {seed}): {counts} images; "
+          f"cache fingerprint {meta['cache_fingerprint']}")
     return 0

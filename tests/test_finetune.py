@@ -228,6 +228,7 @@ def test_a_cache_without_a_validation_split_is_refused_until_it_is_split_again(c
     assert (m.groupby("patient_id")["split"].nunique() == 1).all()  # no patient in two splits
     assert after.metadata["split_fractions"] == {"unsupervised": 0.2, "train": 0.4, "val": 0.2, "test": 0.2}
     assert after.metadata["seed"] == 1 and after.metadata["split_history"][-1]["split_fractions"]["test"] == 0.3
+    assert after.metadata["split_method"] == after.metadata["split_history"][-1]["split_method"]  # same method before
     assert after.fingerprint != before.fingerprint and set(after.metadata["split_fingerprints"]) == set(m["split"])
     assert m.drop(columns=["split", "in_label_subset"]).equals(before.manifest.drop(columns=["split", "in_label_subset"]))
     assert {name: open(old / "parts" / name, "rb").read() for name in chunks} == chunks  # nothing decoded again

@@ -179,6 +179,8 @@ def training(local_rank: int, config, resume: str = "") -> dict:
                              config.tracking.run_name,
                              tags={"stage": "finetune", "mode": config.mode, "label_fraction": config.label_fraction,
                                    "cache_fingerprint": cache.fingerprint, "pretrain_run_id": pretrain_run,
+                                   # caches split before stratification recorded no method
+                                   "split_method": cache.metadata.get("split_method", "patients, unstratified"),
                                    "arch": config.arch,
                                    "test_split_fingerprint": cache.metadata.get("split_fingerprints", {}).get(
                                        config.test_split, ""),

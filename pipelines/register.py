@@ -72,7 +72,7 @@ Multi-label classification of one head-CT slice into six outputs: {', '.join(SUB
 
 ## Data and selection
 - Cache fingerprint `{pre.get('cache_fingerprint', '')}`: windows {windows} ({pre.get('window_mode', 'linear')}),
-  {pre['size']} px, patient-level splits; trained on the `{p.get('train_split', 'train')}` split at label
+  {pre['size']} px, splits by {tags.get('split_method', 'patients (method not recorded)')}; trained on the `{p.get('train_split', 'train')}` split at label
   fraction {p.get('label_fraction')} ({p.get('n_train')} slices, {p.get('extra_labels_added', 0)} extra labels).
 - Epoch {p.get('selected_epoch', info['meta'].get('epoch'))} of {p.get('epochs')} chosen on `{p.get('val_split', 'val')}`
   ({p.get('n_val')} slices) by mean AUC; thresholds for sensitivity {points.get('target_sensitivity', 'n/a')} fixed there

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from dicom_preprocess import SUBTYPES
+from dicom_preprocess.splits import SPLIT_METHOD
 from medmoco.config import FinetuneConfig, load_config
 from pipelines.evaluate import evaluate, predict
 from pipelines.finetune import training
@@ -153,6 +154,7 @@ def test_version_description_and_tags_hold_the_test_figures_with_intervals(embed
     assert "research only" in card and "| any |" in card and "95% CI" in card and "threshold" in card
     assert f"{run.data.metrics['test_auc_mean']:.3f}** [{run.data.metrics['test_auc_mean_ci_low']:.3f}" in card
     assert "chosen on `val`" in card
+    assert f"splits by {SPLIT_METHOD};" in card and run.data.tags["split_method"] == SPLIT_METHOD
     assert str(client.get_model_version_by_alias(CANDIDATES, "candidate").version) == str(embedded["version"])
 
 

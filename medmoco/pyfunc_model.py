@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import mlflow
 import numpy as np
@@ -66,7 +67,16 @@ class MedmocoClassifier(PythonModel):
     def load_context(self, context) -> None:
         from medmoco.serving import ClassifierPredictor
 
-        self.predictor = ClassifierPredictor(context.artifacts["weights"])
+        weights = context.artifacts["weights"]
+        expected = (context.model_config or {}).get("weights_sha256")
+        if expected:  # recorded at registration (medmoco.registry.candidates); older models have none
+            from medmoco.registry.integrity import IntegrityError, sha256_file
+
+            found = sha256_file(weights)
+            if found != expected:
+                raise IntegrityError(f"{os.path.basename(weights)}: sha256 {found[:12]}... differs from the "
+                                     f"{expected[:12]}... recorded in MLmodel; refusing to load the weights")
+        self.predictor = ClassifierPredictor(weights)
 
     # Type hints: without them MLflow warns twice per registration; a DataFrame hint infers no
     # signature (the registered one declares the outputs).

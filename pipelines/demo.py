@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _versions_of_run(client, name: str, run_id: str) -> int | None:
-    from medmoco.tracking.access import candidates_name
+    from medmoco.registry.names import candidates_name
 
     try:
         found = [v for v in client.search_model_versions(f"name='{candidates_name(name)}'")

@@ -15,38 +15,9 @@ import tempfile
 
 from dicom_preprocess.config import ConfigError
 
+from medmoco.inference import preprocess_like_model, resolve_model, write_submission  # noqa: F401
+
 log = logging.getLogger("medmoco.evaluate")
-
-
-def resolve_model(spec: str, tracking_uri: str = "") -> str:
-    """A local ``model.pt`` for a path, a folder holding one, ``runs:/ID`` or ``models:/...`` URI.
-
-    Raises:
-        ConfigError: when nothing loadable is found.
-    """
-    if os.path.isfile(spec):
-        return spec
-    if os.path.isdir(spec):
-        for dirpath, _, files in os.walk(spec):
-            if "model.pt" in files:
-                return os.path.join(dirpath, "model.pt")
-    if spec.startswith(("runs:/", "models:/")):
-        from medmoco.tracking import fetch_artifact
-
-        try:
-            return fetch_artifact(spec, "model.pt", "model/model.pt", tracking_uri)
-        except LookupError as err:
-            raise ConfigError(f"model {spec}: {err}") from None
-    raise ConfigError(f"model {spec}: no model.pt found (a `medmoco finetune` model.pt, runs:/ID or models:/NAME@ALIAS)")
-
-
-def write_submission(image_ids, probs, path: str) -> str:
-    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]."""
-    import numpy as np
-
-    from dicom_preprocess.labels import write_long_format
-
-    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path, "%.6f")
 
 
 def predict_cache(model_path: str, cache_dir: str, split: str | None = None, device: str = "cpu",
@@ -139,20 +110,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
-
-
-def preprocess_like_model(info: dict, input_path: str, out_dir: str, workers: int = 1):
-    """Run the preprocessing recorded in the model (windows, mode, size) on raw DICOMs -> a cache."""
-    from dicom_preprocess.config import PreprocessConfig
-    from dicom_preprocess.job import run_preprocess
-
-    pre = info["preprocess"]
-    windows = [{"name": w["name"], "center": w["center"], "width": w["width"]} for w in pre["windows"]]
-    config = PreprocessConfig(input=input_path, out=out_dir, size=int(pre["size"]), windows=windows,
-                              window_mode=pre.get("window_mode", "linear"), workers=workers,
-                              split_fractions={"unsupervised": 1.0},
-                              modalities=list(pre.get("modalities", ["CT"])))
-    return run_preprocess(config, progress=False)
 
 
 def predict(model: str, input_path: str, out: str, workers: int = 1, device: str = "cpu",

@@ -193,3 +193,40 @@ def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, t
             except subprocess.TimeoutExpired:
                 serve.kill()
         server.stop()
+
+
+def test_a_changed_file_of_a_registered_version_is_refused_by_every_loader(embedded, tmp_path, capsys):
+    """The version's files are pinned when it is created; medmoco's loaders and the pyfunc wrapper's
+    own load check them before loading anything, and refuse in one line naming the file."""
+    import mlflow
+
+    from medmoco.registry.integrity import IntegrityError, fetch_version
+    from pipelines.cli import main
+
+    spec = f"models:/{CANDIDATES}/{embedded['version']}"
+    fetched = fetch_version(spec, embedded["uri"], str(tmp_path / "ok"))
+    assert fetched.verified and "artifacts/model.pt" in fetched.digests and "MLmodel" in fetched.digests
+    weights = os.path.join(fetched.directory, "artifacts", "model.pt")
+    with open(weights, "r+b") as handle:  # the wrapper's own check: weights against the MLmodel's digest
+        handle.seek(64)
+        handle.write(b"\xff\xfe")
+    with pytest.raises(IntegrityError, match="model.pt: sha256 .* refusing to load the weights"):
+        mlflow.pyfunc.load_model(fetched.directory)
+    stored = os.path.join(embedded["tmp"], "mlartifacts")  # the embedded store's files, changed behind MLflow's back
+    targets = [os.path.join(d, f) for d, _, files in os.walk(stored) for f in files
+               if f == "pyfunc_model.py" and "models" in d]
+    assert targets
+    originals = {target: open(target, "rb").read() for target in targets}
+    try:
+        for target in targets:
+            with open(target, "a") as handle:
+                handle.write("\nraise SystemExit('code that is not the registered code')\n")
+        with pytest.raises(IntegrityError, match="file code/medmoco/pyfunc_model.py has sha256"):
+            fetch_version(spec, embedded["uri"])
+        code = main(["predict", "--model", spec, "--input", str(tmp_path), "--out", str(tmp_path / "p.csv"),
+                     "--tracking-uri", embedded["uri"]])
+    finally:  # the module's other tests use the same store
+        for target, data in originals.items():
+            open(target, "wb").write(data)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "code/medmoco/pyfunc_model.py has sha256" in err[-1] and "Traceback" not in "\n".join(err)

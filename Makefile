@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # keeps pip from pulling a multi-GB CUDA build for the `torch>=2.4` requirement.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test bench experiment clean
+.PHONY: venv demo test services bench experiment clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,20 @@ demo: venv
 # Two pytest workers (pytest-xdist), one file per worker at a time so that a file's session
 # fixtures (archive, cache) are built once per worker; conftest pins torch to one thread each.
 TEST_WORKERS ?= 2
-test: venv
+test: venv services
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
+
+# Debian services the tests start themselves (on loopback, stopped by PID): SLURM (slurm-wlm +
+# munge) for tests/test_slurm.py. Installed with apt where this runs as root with apt; elsewhere
+# the tests that need them skip with a message naming what is missing.
+SERVICE_PACKAGES := slurm-wlm munge
+services:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(SERVICE_PACKAGES) for the tests (apt)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVICE_PACKAGES) >/dev/null) \
+	        || echo "could not install $(SERVICE_PACKAGES): the SLURM tests will skip"; \
+	else echo "not root or no apt: $(SERVICE_PACKAGES) not installed, the SLURM tests will skip"; fi
 
 # The label-efficiency experiment on CPU (README section 4): data, pretraining, then the trials.
 # Each step resumes or is skipped when its output exists.

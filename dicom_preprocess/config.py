@@ -178,7 +178,7 @@ class PreprocessConfig:
     size: int = 256
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     window_mode: str = "linear"
-    workers: int = 0  # 0 = all cores
+    workers: int = 0  # 0 = the CPUs this process may use (usable_cpus)
     files_per_shard: int = 1024
     split_fractions: dict = field(default_factory=lambda: {"unsupervised": 0.75, "train": 0.15, "val": 0.05,
                                                            "test": 0.05})
@@ -224,6 +224,23 @@ class PreprocessConfig:
             raise ConfigError(f"file_timeout_s {self.file_timeout_s}: must be > 0")
         if self.watchdog_grace_s < 0:
             raise ConfigError(f"watchdog_grace_s {self.watchdog_grace_s}: must be >= 0")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: ``SLURM_CPUS_PER_TASK`` inside a SLURM task (set with ``-c``),
+    else the CPU affinity mask (a cgroup or ``taskset`` limit; a SLURM task is pinned to its CPUs),
+    else every core. ``os.cpu_count()`` counts the whole node: on a shared node a job started that
+    many workers on the few CPUs it was given."""
+    try:
+        slurm = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    except ValueError:
+        slurm = 0
+    if slurm > 0:
+        return slurm
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import cache as cache_io
 from .assembly import check_or_write_job, finalize_cache, job_record, merge_parts  # noqa: F401 (API)
-from .config import ConfigError, PreprocessConfig, parse_shard
+from .config import ConfigError, PreprocessConfig, parse_shard, usable_cpus
 from .labels import check_label_header
 from .markers import clear_in_flight
 from .sources import InputArchive
@@ -104,7 +104,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     done_before = len(mine) - len(pending)
     files = sum(len(t[1]) for t in pending)
     cached = skipped = 0
-    workers = config.workers or os.cpu_count() or 1
+    workers = config.workers or usable_cpus()
     workers = max(1, min(workers, len(pending)))
     bar = _progress(files, progress, f"preprocess ({workers} workers)")
     sizes = {chunk: len(chunk_sources) for chunk, chunk_sources in pending}

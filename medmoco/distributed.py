@@ -30,6 +30,25 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ or ("SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ)
 
 
+def refuse_allocation_without_srun() -> None:
+    """Inside a SLURM allocation of several tasks, a command started by the batch script or an
+    ``salloc`` shell (not by ``srun``) sees ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N``: ignite would
+    make it rank 0 of N and wait for ranks that never come (30 minutes, then a ``DistStoreError``).
+    srun marks each task it starts with ``SLURM_STEP_ID``; torchrun sets ``WORLD_SIZE``.
+
+    Raises:
+        ConfigError: one line saying to start the command with srun.
+    """
+    env = os.environ
+    tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
+    if "SLURM_JOB_ID" in env and tasks > 1 and "SLURM_STEP_ID" not in env and "WORLD_SIZE" not in env:
+        from dicom_preprocess.config import ConfigError
+
+        raise ConfigError(f"SLURM job {env['SLURM_JOB_ID']} has {tasks} tasks, but this process was not started by "
+                          "srun: start it as `srun medmoco ...` (one process per task, each with its rank), or ask "
+                          "for one task (-n 1)")
+
+
 def default_backend(requested: str = "") -> str:
     import torch
 
@@ -58,14 +77,17 @@ def run_on_ranks(entry: Callable[..., Any], *args: Any, backend: str = "", timeo
     """
     import ignite.distributed as idist
 
+    refuse_allocation_without_srun()
     in_group = launched()
     if in_group:
         idist.initialize(default_backend(backend), timeout=datetime.timedelta(seconds=timeout_s))
     try:
         return entry(idist.get_local_rank(), *args)
     except Exception as err:
+        from medmoco.handlers import JobSignalled
+
         world = idist.get_world_size()
-        if world > 1 and is_peer_failure(err):
+        if world > 1 and is_peer_failure(err) and not isinstance(err, JobSignalled):
             raise PeerFailure(
                 f"rank {idist.get_rank()} of {world}: lost another rank ({type(err).__name__}: {str(err)[:300]}); "
                 f"stopping instead of waiting (collectives time out after {timeout_s:.0f} s). Finished epochs "

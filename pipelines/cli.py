@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_preprocess.assembly import LabelsUnmatched, NothingCached
     from dicom_preprocess.job import StorageFull
     from medmoco.distributed import PeerFailure
+    from medmoco.handlers import JobSignalled
 
     args = build_parser().parse_args(argv)
     try:
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except JobSignalled as err:
+        print(f"medmoco {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except (PeerFailure, StorageFull, NothingCached, LabelsUnmatched) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -123,9 +123,11 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     from medmoco.data import train_indices
     from medmoco.engines.common import (RNGState, attach_checkpointing, attach_progress, device_for, resume_from,
                                         run_or_complete)
+    from medmoco.engines.checkpoints import check_resume, run_identity
     from medmoco.engines.supervised import (BestEpoch, FrozenBackbone, create_supervised_trainer, get_dataflow,
                                             initialize, input_settings, predict_rows)
     from medmoco.metrics import classification_metrics
+    from medmoco.handlers import StopOnSignal
     from medmoco.models import save_classifier
     from medmoco.tracking import TrackingHandler, create_tracker
 
@@ -151,6 +153,7 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     model, optimizer, scheduler, scaler, lr = initialize(config, config.arch, in_channels, payload)
     inner = getattr(model, "module", model)
     trainer = create_supervised_trainer(model, optimizer, scaler, config)
+    StopOnSignal().attach(trainer)  # first: a signal ends the run between iterations (SLURM scancel, requeue)
     pretrain_run = str((payload or {}).get("meta", {}).get("mlflow_run_id", ""))
     best_path = os.path.join(config.run_dir, MODEL_FILE)
     tracker = None  # opened after resume (below); save() reads its id
@@ -174,6 +177,8 @@ def training(local_rank: int, config, resume: str = "") -> dict:
         stopper = EarlyStopping(config.early_stopping_patience, lambda engine: engine.state.selection_score, trainer)
         to_save["early_stopping"] = stopper
     os.makedirs(config.run_dir, exist_ok=True)
+    # refuse a checkpoint of another cache or network before loading it (medmoco.engines.checkpoints)
+    check_resume(config.run_dir, run_identity("finetune", cache.fingerprint, flatten(to_dict(config))), bool(resume))
     resume_from(resume, config.run_dir, to_save)
     tracker = create_tracker(config.tracking.enabled, config.tracking.uri, config.tracking.experiment,
                              config.tracking.run_name,

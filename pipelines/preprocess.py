@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int)
     parser.add_argument("--windows", help="e.g. brain,subdural,bone or blood:60/40")
     parser.add_argument("--window-mode", dest="window_mode", choices=("linear", "sigmoid"))
-    parser.add_argument("--workers", type=int, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, help="processes (default: the CPUs this process may use: "
+                        "SLURM_CPUS_PER_TASK, else its CPU affinity)")
     parser.add_argument("--files-per-shard", dest="files_per_shard", type=int)
     parser.add_argument("--label-fraction", dest="label_fraction", type=float)
     parser.add_argument("--seed", type=int)

@@ -3,7 +3,7 @@
 One process (CPU or one GPU): ``medmoco pretrain --config configs/pretrain/cpu_demo.yaml``.
 One node, N GPUs: ``torchrun --nproc_per_node=N -m medmoco pretrain --config ...``.
 SLURM, several nodes: ``srun python -m medmoco pretrain --config ...`` (srun alone, not srun +
-torchrun: ignite#2048); see configs/slurm/. ``batch_size`` is per process.
+torchrun: ignite#2048); see slurm/. ``batch_size`` is per process.
 """
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     from medmoco.config import flatten, to_dict
     from medmoco.engines.common import (RNGState, attach_checkpointing, attach_progress, device_for, resume_from,
                                        run_or_complete)
+    from medmoco.engines.checkpoints import check_resume, run_identity
     from medmoco.engines.knn import knn_monitor
+    from medmoco.handlers import StopOnSignal
     from medmoco.engines.pretrain import create_pretrainer, get_dataflow, in_channels, initialize
     from medmoco.models import export_backbone
     from medmoco.models.backbones import feature_size
@@ -85,10 +87,13 @@ def training(local_rank: int, config, resume: str = "") -> dict:
     loader = get_dataflow(config, cache)
     model, optimizer, scheduler, scaler, lr = initialize(config, cache)
     trainer = create_pretrainer(model, optimizer, scaler, config)
+    StopOnSignal().attach(trainer)  # first: a signal ends the run between iterations (SLURM scancel, requeue)
     moco = getattr(model, "module", model)
     to_save = {"model": moco, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer,
                "scaler": scaler, "rng": RNGState()}
     os.makedirs(config.run_dir, exist_ok=True)
+    # refuse a checkpoint of another cache or network before loading it (medmoco.engines.checkpoints)
+    check_resume(config.run_dir, run_identity("pretrain", cache.fingerprint, flatten(to_dict(config))), bool(resume))
     resume_from(resume, config.run_dir, to_save)
     world = idist.get_world_size()
     # The tracker continues the run of run_dir/mlflow_run_id when resuming, and spools its calls

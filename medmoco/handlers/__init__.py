@@ -1,0 +1,4 @@
+"""ignite handlers with ``attach(engine)`` that are not about tracking (:mod:`medmoco.tracking.handler`)."""
+from .signals import JobSignalled, StopOnSignal
+
+__all__ = ["StopOnSignal", "JobSignalled"]

@@ -99,7 +99,9 @@ def validate(config):
         if not len(cache.indices(split, labeled=True)):
             raise ConfigError(f"split {split!r} of cache {config.cache} holds no labeled image")
     payload = None
-    if config.mode in ("finetune", "linear"):
+    # scratch with --pretrained: random weights in the pretrained backbone's architecture (and input
+    # size/context), so that a scratch baseline is the same network as the MoCo model it is compared with
+    if config.mode in ("finetune", "linear") or (config.mode == "scratch" and config.pretrained):
         path = resolve_pretrained(config.pretrained, config.tracking.uri)
         try:
             payload = read_weights(path)

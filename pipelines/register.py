@@ -21,5 +21,6 @@ def run_register(args: argparse.Namespace) -> int:
     result = register(args.run_id, args.name, args.alias, args.tracking_uri)
     print(f"registered {result['name']} version {result['version']}"
           + (f" with alias {args.alias}: models:/{result['name']}@{args.alias}" if args.alias else "")
-          + f"; `medmoco review --name {args.name} --promote {result['version']}` releases it into {args.name}")
+          + f"; `medmoco review --name {args.name} --promote {result['version']} --cache CACHE` compares it with "
+            f"{args.name}@champion on the cache's test split and releases it if it is non-inferior")
     return 0

@@ -419,3 +419,19 @@ def test_killed_twice_and_resumed_finetune_logs_the_same_metrics_and_weights(cls
     client, run_id = runs["killed"]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("test-finetune").experiment_id])) == 1
+
+
+def test_scratch_with_a_pretrained_file_takes_its_network_but_not_its_weights(cls_cache, backbone_file, tmp_path):
+    """The README's `--mode scratch --pretrained BACKBONE`: a random ResNet-18 like the MoCo one,
+    not FinetuneConfig's default ResNet-50 (a baseline of another architecture)."""
+    from medmoco.models.export import read_weights
+
+    data = finetune_settings(cls_cache, str(tmp_path / "scratch"), str(tmp_path / "m.db"), mode="scratch",
+                             pretrained=backbone_file, epochs=1, seed=1, optim={"name": "sgd", "lr": 1e-12})
+    data.pop("arch")
+    training(0, load_config(FinetuneConfig, None, data))
+    saved = read_weights(str(tmp_path / "scratch" / "model.pt"))
+    assert saved["arch"] == "resnet18"
+    exported = torch.load(backbone_file, weights_only=True)["state_dict"]
+    conv = [k for k in exported if k.endswith("conv1.weight")][0]
+    assert not torch.equal(saved["state_dict"][f"backbone.{conv}"], exported[conv])  # random, not loaded

@@ -204,6 +204,8 @@ def test_a_changed_file_of_a_registered_version_is_refused_by_every_loader(embed
     from pipelines.cli import main
 
     spec = f"models:/{CANDIDATES}/{embedded['version']}"
+    # the README's models:/NAME@candidate: the alias is looked up in NAME, then in NAME-candidates
+    assert fetch_version(f"models:/{NAME}@candidate", embedded["uri"]).version == str(embedded["version"])
     fetched = fetch_version(spec, embedded["uri"], str(tmp_path / "ok"))
     assert fetched.verified and "artifacts/model.pt" in fetched.digests and "MLmodel" in fetched.digests
     weights = os.path.join(fetched.directory, "artifacts", "model.pt")

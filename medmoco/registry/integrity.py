@@ -108,21 +108,30 @@ def recorded_digests(version) -> dict | None:
 
 
 def get_version(client, spec: str):
-    """The model version a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI names.
+    """The model version a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI names. An alias
+    is looked up in NAME, then in NAME-candidates, as `medmoco review` does (`register` gives the
+    alias ``candidate`` in the candidates: ``models:/rsna-ich-moco@candidate`` finds it).
 
     Raises:
-        ConfigError: naming the URI.
+        ConfigError: naming the URI and where it was looked for.
     """
+    from .access import is_permission_denied
+    from .names import candidates_name
+
     body = spec[len("models:/"):].strip("/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        for model in dict.fromkeys((name, candidates_name(name))):
+            try:
+                return client.get_model_version_by_alias(model, alias)
+            except Exception as err:
+                if is_permission_denied(err):
+                    raise
+        raise ConfigError(f"model {spec}: neither {name!r} nor {candidates_name(name)!r} has an alias {alias!r}")
+    name, _, version = body.partition("/")
     try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        name, _, version = body.partition("/")
         return client.get_model_version(name, version)
     except Exception as err:
-        from .access import is_permission_denied
-
         if is_permission_denied(err):
             raise
         raise ConfigError(f"model {spec}: not found ({str(err)[:150]})") from None

@@ -106,7 +106,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     cached = skipped = 0
     workers = config.workers or usable_cpus()
     workers = max(1, min(workers, len(pending)))
-    bar = _progress(files, progress, f"preprocess ({workers} workers)")
+    bar = _progress(files, progress, f"preprocess ({workers} worker{'s' if workers != 1 else ''})")
     sizes = {chunk: len(chunk_sources) for chunk, chunk_sources in pending}
     state = {"skipped": 0}
 

@@ -30,6 +30,25 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ or ("SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ)
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun's ``RANK``, srun's ``SLURM_PROCID``),
+    readable before the process group exists: logging is set up before it."""
+    for key in ("RANK", "SLURM_PROCID"):
+        try:
+            return int(os.environ[key])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def log_level() -> int:
+    """INFO on rank 0, WARNING elsewhere: N ranks repeating ignite's and medmoco's INFO lines made
+    a job's log N times longer and no clearer."""
+    import logging
+
+    return logging.INFO if launch_rank() == 0 else logging.WARNING
+
+
 def refuse_allocation_without_srun() -> None:
     """Inside a SLURM allocation of several tasks, a command started by the batch script or an
     ``salloc`` shell (not by ``srun``) sees ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N``: ignite would

@@ -208,4 +208,7 @@ def run_select(args: argparse.Namespace) -> int:
                     args.device, args.tracking_uri)
     print(f"selected {len(picked)} slices ({picked['series_id'].nunique()} series, strategy {args.strategy}) "
           f"-> {args.out}")
+    if len(picked) < args.n:
+        print(f"note: --n {args.n} asked for more slices than the {args.split!r} split holds ({len(picked)}): all of "
+              "them were selected")
     return 0

@@ -289,9 +289,9 @@ def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmoco.distributed import run_on_ranks
+    from medmoco.distributed import log_level, run_on_ranks
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_finetune_config(args)
     # One process unless torchrun/srun started this one as a rank (medmoco.distributed).
     run_on_ranks(_entry, config, args.resume, backend=config.backend, timeout_s=config.dist_timeout_s)
@@ -308,4 +308,6 @@ def _entry(local_rank: int, config, resume: str) -> None:
         print(f"finetune ({config.mode}, label fraction {config.label_fraction}) done: epoch {result['selected_epoch']} "
               f"selected on {config.val_split}; {config.test_split} AUC mean {m['auc_mean']:.4f} "
               f"[{ci[0]:.4f}, {ci[1]:.4f}], weighted log loss {m['weighted_logloss']:.4f}; model -> {result['model']}; "
-              f"MLflow run {result['run_id']}")
+              + (f"MLflow run {result['run_id']}" if result['run_id'] else
+               "MLflow store unreachable: tracking calls spooled in the run dir (send them with "
+               "`medmoco tracking-replay --run-dir DIR`)"))

@@ -144,9 +144,9 @@ def training(local_rank: int, config, resume: str = "") -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmoco.distributed import run_on_ranks
+    from medmoco.distributed import log_level, run_on_ranks
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_pretrain_config(args)
     # One process unless torchrun/srun started this one as a rank (medmoco.distributed).
     run_on_ranks(_entry, config, args.resume, backend=config.backend, timeout_s=config.dist_timeout_s)
@@ -159,4 +159,6 @@ def _entry(local_rank: int, config, resume: str) -> None:
 
     if idist.get_rank() == 0:
         print(f"pretraining done: {result['epochs']} epochs; backbone -> {result['export']}; "
-              f"MLflow run {result['run_id']}")
+              + (f"MLflow run {result['run_id']}" if result['run_id'] else
+               "MLflow store unreachable: tracking calls spooled in the run dir (send them with "
+               "`medmoco tracking-replay --run-dir DIR`)"))

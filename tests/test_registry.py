@@ -5,6 +5,7 @@ import base64
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -185,6 +186,18 @@ def test_against_a_real_mlflow_server_and_models_serve(cls_cache, cls_archive, t
         answer = json.load(urllib.request.urlopen(request, timeout=60))["predictions"]
         got = np.array([[row[c] for c in SUBTYPES] for row in answer])
         np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-6)
+        # the README's two lines, as written there (a payload file: a real slice inline is over the
+        # shell's argument limit), on a real RSNA-size slice
+        from .test_readme import readme_lines
+
+        lines = [line for line in readme_lines() if "payload.json" in line]
+        assert len(lines) == 2 and lines[1].startswith("curl ")
+        shutil.copy(files[0], tmp_path / "slice.dcm")
+        script = "\n".join(["set -e", *lines]).replace("localhost:5001", f"127.0.0.1:{serve_port}")
+        out = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        by_curl = json.loads(out.stdout)["predictions"][0]
+        np.testing.assert_allclose([by_curl[c] for c in SUBTYPES], expected.to_numpy()[0], atol=1e-6)
     finally:
         if serve is not None:
             serve.terminate()

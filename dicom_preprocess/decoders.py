@@ -126,6 +126,13 @@ def decode_frame(frame: bytes, info: FrameInfo) -> Decoded:
         except Exception as err:  # a C decoder raises many types on a corrupt frame
             passed_over.append(f"{name}: {type(err).__name__}: {_one_line(err)}")
             continue
+        except BaseException as err:
+            # pylibjpeg-rle is Rust: on a corrupt frame it panics, and pyo3's PanicException derives
+            # from BaseException so that `except Exception` lets it through (it would end a chunk).
+            if type(err).__module__ != "pyo3_runtime":
+                raise
+            passed_over.append(f"{name}: {type(err).__name__}: {_one_line(err)}")
+            continue
         fallback = f"decoded by {name} ({'; '.join(passed_over)})" if passed_over else ""
         return Decoded(words, name, fallback)
     raise NotDecoded("; ".join(passed_over))

@@ -43,8 +43,9 @@ def printable_reason(reason: str) -> str:
     return text[:MAX_REASON] + ("..." if len(text) > MAX_REASON else "")
 
 
-class _FileTimeout(Exception):
-    pass
+class _FileTimeout(BaseException):
+    """SIGALRM's: a BaseException, so that no `except Exception` on the decode path (a decoder
+    tried, then the next one) takes the alarm for a decoder's failure and carries on."""
 
 
 def _on_alarm(signum, frame):  # pragma: no cover - signal handler

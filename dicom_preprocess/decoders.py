@@ -13,7 +13,7 @@ is not the first of its syntax's list, :attr:`Decoded.fallback` says which were 
 and the reader writes it into the slice's notes (the cache manifest's ``notes`` column): a slow
 fallback never runs silently. SimpleITK (GDCM behind ITK) is the last resort of every list: it only
 reads files, so it costs a temporary file and a float round trip, and serves what no library
-decodes from bytes.
+decodes from bytes (RLE excepted: see :data:`DECODERS`).
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 #   JPEG-LS lossless   pyjpegls (CharLS 2) 4.8, gdcm (CharLS 1) 6.5-7.2, pylibjpeg-libjpeg 18.4
 #   JPEG 2000 lossless pylibjpeg-openjpeg (OpenJPEG 2.5) 20.4, gdcm (OpenJPEG 2.3) 24.6, SimpleITK 23.6
 #   RLE Lossless       pylibjpeg-rle 0.58, pydicom's own (numpy) 6.9-8.5, gdcm 10.3, SimpleITK 42
+# RLE stops at pydicom's own decoder, which is always installed: GDCM (python-gdcm and SimpleITK's
+# alike) dies of SIGFPE on an RLE header that declares no segments, taking the worker with it.
 # The lossy syntaxes (a CT archive rarely holds them) keep libjpeg first: it decodes 8- and 12-bit
 # JPEG, gdcm's plugin refuses 12-bit Extended. Syntaxes not listed go to pydicom's own choice.
 DECODERS: dict[str, tuple[str, ...]] = {
@@ -58,7 +60,7 @@ DECODERS: dict[str, tuple[str, ...]] = {
     HTJ2K_LOSSLESS: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
     HTJ2K_LOSSLESS_RPCL: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
     HTJ2K: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
-    RLE_LOSSLESS: ("pylibjpeg-rle", "pydicom", "gdcm", "SimpleITK"),
+    RLE_LOSSLESS: ("pylibjpeg-rle", "pydicom"),
     JPEG_BASELINE: ("pylibjpeg-libjpeg", "gdcm", "pydicom", "SimpleITK"),
     JPEG_EXTENDED: ("pylibjpeg-libjpeg", "pydicom", "SimpleITK"),
 }

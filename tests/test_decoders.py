@@ -145,6 +145,21 @@ def test_no_decoder_left_is_a_skip_naming_each(compressed, without, monkeypatch)
         read_dicom(path)
 
 
+def test_a_corrupt_rle_header_is_a_skip_not_a_crash(compressed):
+    """An RLE header declaring no segments: GDCM would die of SIGFPE on it (and the worker with it);
+    the RLE list holds no GDCM decoder, and both of its decoders refuse the frame."""
+    from pydicom.encaps import encapsulate
+
+    path, _ = next(_pairs(compressed, RLE_LOSSLESS))
+    ds = pydicom.dcmread(path)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([b"\0" * 64 + frame[64:]])
+    out = pydicom.filebase.DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    with pytest.raises(SkipImage, match=r"RLE Lossless not decoded \(pylibjpeg-rle: .+; pydicom: .+\)$"):
+        read_dicom(out.getvalue())
+
+
 def _cache_by_id(out):
     cache = open_cache(out)
     return cache, {image_id: cache[i] for i, image_id in enumerate(cache.manifest.image_id)}

@@ -41,22 +41,25 @@ RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 # Transfer syntax -> decoders, fastest first. The order of the lossless syntaxes is measured
 # (CPU ms per 512x512 16-bit real RSNA slice, re-encoded losslessly, one frame decoded from bytes,
-# 2-core VM, 2026-12-01; `python benchmarks/preprocess.py --compressed` prints the same loops):
-#   JPEG Lossless SV1  gdcm 5.4, pylibjpeg-libjpeg 14.1, SimpleITK (file) 9.7
-#   JPEG-LS lossless   pyjpegls (CharLS 2) 4.8, gdcm (CharLS 1) 6.5-7.2, pylibjpeg-libjpeg 18.4
-#   JPEG 2000 lossless pylibjpeg-openjpeg (OpenJPEG 2.5) 20.4, gdcm (OpenJPEG 2.3) 24.6, SimpleITK 23.6
-#   RLE Lossless       pylibjpeg-rle 0.58, pydicom's own (numpy) 6.9-8.5, gdcm 10.3, SimpleITK 42
+# passes run in turn, best of 7, 2-core VM, 2026-12-01; `python benchmarks/preprocess.py
+# --compressed` prints the same loops):
+#   JPEG Lossless SV1  imagecodecs (libjpeg-turbo 3) 2.07, gdcm 4.89, pylibjpeg-libjpeg 11.2
+#   JPEG-LS lossless   pyjpegls 4.55, imagecodecs 4.50 (both CharLS 2.4: a tie), gdcm 7.5, libjpeg 16.7
+#   JPEG 2000 lossless pylibjpeg-openjpeg 17.6, imagecodecs 17.4 (both OpenJPEG 2.5: a tie), gdcm 20.7
+#   RLE Lossless       pylibjpeg-rle 0.51, pydicom's own (numpy) 6.9-8.5, gdcm 10.3, SimpleITK 37
+# gdcm's figure includes ~2 ms of its Python binding: the pixels come back as a str (SWIG's char*)
+# that must be encoded back to bytes.
 # RLE stops at pydicom's own decoder, which is always installed: GDCM (python-gdcm and SimpleITK's
 # alike) dies of SIGFPE on an RLE header that declares no segments, taking the worker with it.
 # The lossy syntaxes (a CT archive rarely holds them) keep libjpeg first: it decodes 8- and 12-bit
 # JPEG, gdcm's plugin refuses 12-bit Extended. Syntaxes not listed go to pydicom's own choice.
 DECODERS: dict[str, tuple[str, ...]] = {
-    JPEG_LOSSLESS: ("gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
-    JPEG_LOSSLESS_SV1: ("gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
-    JPEG_LS_LOSSLESS: ("pyjpegls", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
-    JPEG_LS_NEAR_LOSSLESS: ("pyjpegls", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
-    JPEG_2000_LOSSLESS: ("pylibjpeg-openjpeg", "gdcm", "SimpleITK"),
-    JPEG_2000: ("pylibjpeg-openjpeg", "gdcm", "SimpleITK"),
+    JPEG_LOSSLESS: ("imagecodecs", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
+    JPEG_LOSSLESS_SV1: ("imagecodecs", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
+    JPEG_LS_LOSSLESS: ("pyjpegls", "imagecodecs", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
+    JPEG_LS_NEAR_LOSSLESS: ("pyjpegls", "imagecodecs", "gdcm", "pylibjpeg-libjpeg", "SimpleITK"),
+    JPEG_2000_LOSSLESS: ("pylibjpeg-openjpeg", "imagecodecs", "gdcm", "SimpleITK"),
+    JPEG_2000: ("pylibjpeg-openjpeg", "imagecodecs", "gdcm", "SimpleITK"),
     HTJ2K_LOSSLESS: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
     HTJ2K_LOSSLESS_RPCL: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
     HTJ2K: ("pylibjpeg-openjpeg", "pydicom", "SimpleITK"),
@@ -145,6 +148,17 @@ def installed(name: str) -> bool:
     return all(_module(m) is not None for m in _MODULES[name])
 
 
+def warm_up() -> None:
+    """Import the decoders' libraries now (SimpleITK, the last resort, excepted): a worker times
+    each file with SIGALRM, and an alarm landing in a half-done import breaks the interpreter."""
+    for name in _DECODE:
+        if name != "SimpleITK":
+            module = _module(_MODULES[name][0])
+            if module is not None and name == "imagecodecs":
+                for function in set(_IMAGECODECS.values()):  # imagecodecs loads each codec on first use
+                    getattr(module, function, None)
+
+
 @functools.lru_cache(maxsize=None)
 def _module(name: str):
     """The module, or None when it is not installed (asked once per process: a failed import
@@ -188,6 +202,19 @@ def _rle(frame: bytes, info: FrameInfo) -> np.ndarray:
     rle = _require("pylibjpeg-rle")
     return _words(rle.decode_pixel_data(frame, version=2, rows=info.rows, columns=info.columns,
                                         bits_allocated=info.bits_allocated), info)
+
+
+# imagecodecs' decoder per syntax: libjpeg-turbo 3 (lossless JPEG, all predictors, 2-16 bits),
+# CharLS, OpenJPEG
+_IMAGECODECS = {JPEG_LOSSLESS: "jpeg8_decode", JPEG_LOSSLESS_SV1: "jpeg8_decode", JPEG_LS_LOSSLESS: "jpegls_decode",
+                JPEG_LS_NEAR_LOSSLESS: "jpegls_decode", JPEG_2000_LOSSLESS: "jpeg2k_decode", JPEG_2000: "jpeg2k_decode"}
+
+
+def _imagecodecs(frame: bytes, info: FrameInfo) -> np.ndarray:
+    imagecodecs = _require("imagecodecs")
+    if info.transfer_syntax not in _IMAGECODECS:
+        raise _Unusable("not for this transfer syntax")
+    return _array_words(getattr(imagecodecs, _IMAGECODECS[info.transfer_syntax])(frame), info)
 
 
 def _pyjpegls(frame: bytes, info: FrameInfo) -> np.ndarray:
@@ -281,6 +308,7 @@ def _simpleitk(frame: bytes, info: FrameInfo) -> np.ndarray:
 
 # decoder -> the modules it needs (the first is the one it calls)
 _MODULES = {
+    "imagecodecs": ("imagecodecs",),
     "pylibjpeg-rle": ("rle",),
     "pyjpegls": ("jpeg_ls",),
     "pylibjpeg-libjpeg": ("libjpeg",),
@@ -290,6 +318,7 @@ _MODULES = {
     "SimpleITK": ("SimpleITK",),
 }
 _DECODE: dict[str, Callable[[bytes, FrameInfo], np.ndarray]] = {
+    "imagecodecs": _imagecodecs,
     "pylibjpeg-rle": _rle,
     "pyjpegls": _pyjpegls,
     "pylibjpeg-libjpeg": _libjpeg,

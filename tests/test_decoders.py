@@ -23,7 +23,7 @@ from dicom_preprocess.reader import SkipImage, read_dicom
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 # The decoder each syntax must be decoded by where the project's requirements are installed
 # (written out, not read from DECODERS: reordering that table must fail here).
-FAST = {JPEG_LOSSLESS_SV1: "gdcm", JPEG_LS_LOSSLESS: "pyjpegls", JPEG_2000_LOSSLESS: "pylibjpeg-openjpeg",
+FAST = {JPEG_LOSSLESS_SV1: "imagecodecs", JPEG_LS_LOSSLESS: "pyjpegls", JPEG_2000_LOSSLESS: "pylibjpeg-openjpeg",
         RLE_LOSSLESS: "pylibjpeg-rle"}
 SYNTAXES = list(LOSSLESS.values())
 

@@ -222,7 +222,8 @@ def run(args) -> None:
                       f"{cpu / job['cpu_ms_per_file']:.2f} |")
             low, high = job["diff_range"]
             print(f"| {label} | **the job, marginal over N = {n}, 1 worker** (pairs: {n / high:,.0f}-"
-                  f"{n / max(low, 1e-9):,.0f} files/s) | {job['files_per_s']:,.0f} | {job['cpu_ms_per_file']:.2f} | | |")
+                  f"{n / max(low, 1e-9):,.0f} files/s) | {job['files_per_s']:,.0f} | "
+                  f"{job['cpu_ms_per_file']:.2f} | | |")
             decode_only = next(v for k, v in loops.items() if " alone: " in k)
             summary.append((name, fastest.split(":")[0], file_loops[fastest], job, decode_only))
         print("\n| syntax | fastest bare file loop | its files/s | job files/s per worker | job/bare (wall) | "

@@ -1,16 +1,18 @@
 """A minimal reader of the DICOM header for the one kind of file a CT archive is made of.
 
 RSNA's 750k files are uncompressed Explicit VR Little Endian slices with a plain header; other
-archives hold the same header over one compressed frame (JPEG Lossless, JPEG-LS, JPEG 2000, RLE). pydicom
-handles every DICOM variant, at a price: ``dcmread`` builds an element for each of the ~40 tags and
+archives hold the same header over one compressed frame (JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
+pydicom handles every DICOM variant, at a price: ``dcmread`` builds an element for each of the ~40 tags and
 each keyword look-up walks its machinery (about 1.8 ms per RSNA file on these machines, more than
 windowing and resizing the pixels). This module walks the element stream once with
-``struct.unpack_from`` and keeps only the tags the reader uses; of an encapsulated PixelData it keeps where its fragments lie.
+``struct.unpack_from`` and keeps only the tags the reader uses; of an encapsulated PixelData, where
+its fragments lie.
 
 It never decides anything about a file: it returns None for anything it was not written for
 (a transfer syntax :mod:`.decoders` does not list, a sequence of undefined length, an odd element
 length, a value with a backslash where one value is expected, non-ASCII text, a PixelData that does
-not fit the file, encapsulated items without their closing delimiter, ...), and :func:`dicom_preprocess.reader.read_dicom` then reads the file with pydicom. Files it
+not fit the file, encapsulated items without their closing delimiter, ...), and
+:func:`dicom_preprocess.reader.read_dicom` then reads the file with pydicom. Files it
 does read go through the same checks as pydicom's (``reader._slice_from_header``); the tests compare
 both paths on synthetic, real RSNA, pydicom's bundled and fuzzed files.
 """

@@ -5,11 +5,11 @@ Plain uncompressed little-endian files (RSNA's kind) and compressed ones with th
 have their header read by :mod:`.fastheader` and go through the same checks; anything else, and
 every rejection, is read by pydicom. A compressed frame is decoded from the bytes in memory by the
 fastest exact decoder installed for its transfer syntax (:mod:`.decoders`), which returns stored
-values, so that the same code -> HU mapping follows. The fast path never materialises HU: an uncompressed DICOM's PixelData is viewed as 16-bit
-codes (zero-copy ``np.frombuffer``) and the code -> HU mapping (rescale slope/intercept, sign
-extension, the RSNA 12-bit wrap fix) is returned as parameters, so that the encoder can turn
-codes into windows with one table look-up. ``pixel_array`` costs ~1 ms per RSNA slice on
-these machines, ``dcmread`` alone ~0.2 ms.
+values, so that the same code -> HU mapping follows. The fast path never materialises HU: an
+uncompressed DICOM's PixelData is viewed as 16-bit codes (zero-copy ``np.frombuffer``) and the
+code -> HU mapping (rescale slope/intercept, sign extension, the RSNA 12-bit wrap fix) is returned
+as parameters, so that the encoder can turn codes into windows with one table look-up.
+``pixel_array`` costs ~1 ms per RSNA slice on these machines, ``dcmread`` alone ~0.2 ms.
 
 Facts this module relies on (../shared/REFERENCE.md section 1):
 

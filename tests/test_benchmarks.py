@@ -56,8 +56,9 @@ def test_preprocess_compressed_table(tmp_path):
                "0.001", "--bare-files", "2", "--bare-repeats", "1", "--attempts", "1", "--job-out", str(tmp_path))
     jobs = re.findall(r"^\| (.+?) \(\d+ KB/file\) \| \*\*the job, marginal over N = 4, 1 worker", out, re.M)
     assert jobs == ["JPEG Lossless SV1", "JPEG-LS lossless", "JPEG 2000 lossless", "RLE Lossless"]
-    for loop in ("imagecodecs: dcmread(path) + jpeg8_decode(frame)", "imagecodecs alone: frame bytes", "pylibjpeg-rle alone", "SimpleITK: ReadImage(path)",
-                 "gdcm: ImageReader(path)", "pydicom + pyjpegls: pixel_array(path)", "medmoco: read + read_dicom"):
+    for loop in ("imagecodecs: dcmread(path) + jpeg8_decode(frame)", "imagecodecs alone: frame bytes",
+                 "pylibjpeg-rle alone", "SimpleITK: ReadImage(path)", "gdcm: ImageReader(path)",
+                 "pydicom + pyjpegls: pixel_array(path)", "medmoco: read + read_dicom"):
         assert loop in out, loop
     summary = [line for line in out.splitlines() if re.match(r"\| (JPEG|RLE)[^(|]+\| [^|]+\| [\d,]+ \| ", line)]
     assert len(summary) == 4 and "target: job/bare >= 0.8" in out, summary

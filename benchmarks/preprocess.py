@@ -1,6 +1,7 @@
 """Preprocessing speed: medmoco against two baselines, per file and as the whole job; cache reads.
 
     python benchmarks/preprocess.py [--files 600] [--job-files 2048] [--readback 20000] [--job-out /dev/shm]
+    python benchmarks/preprocess.py --compressed [...]   (compressed archives: preprocess_compressed.py)
 
 Every side gets the same input: distinct RSNA-size slices (512x512, 16-bit, Explicit VR Little
 Endian, the four RSNA encodings, each file its own noise) written to disk, read by path from a warm
@@ -227,12 +228,32 @@ def main() -> None:
     parser.add_argument("--files-per-shard", dest="files_per_shard", type=int, default=1024,
                         help="the job's chunk size (its default)")
     parser.add_argument("--readback", type=int, default=20000, help="distinct images of the read-back cache")
-    parser.add_argument("--attempts", type=int, default=5, help="pairs of job runs (N, 2N); the median counts")
+    parser.add_argument("--attempts", type=int, default=None,
+                        help="pairs of job runs (N, 2N); the median counts (default 5, with --compressed 3)")
     parser.add_argument("--job-out", dest="job_out", default="",
                         help="also run the job with its cache on this filesystem (e.g. /dev/shm), to tell the "
                              "workers' rate from the storage's")
     parser.add_argument("--skip", default="", help="comma list of 1,2,3 to skip")
+    parser.add_argument("--compressed", action="store_true",
+                        help="instead: real RSNA slices re-encoded as JPEG Lossless, JPEG-LS, JPEG 2000 and RLE, per "
+                             "syntax the bare decoders, medmoco's decode and the job (preprocess_compressed.py)")
+    parser.add_argument("--distinct-files", dest="distinct_files", type=int, default=128,
+                        help="--compressed: distinct real RSNA slices encoded in each syntax")
+    parser.add_argument("--compressed-files", dest="compressed_files", type=int, default=128,
+                        help="--compressed: the least N of the job's marginal rate")
+    parser.add_argument("--job-seconds", dest="job_seconds", type=float, default=1.5,
+                        help="--compressed: N per syntax so that N files take about this much CPU")
+    parser.add_argument("--bare-files", dest="bare_files", type=int, default=32,
+                        help="--compressed: files of the bare and medmoco loops")
+    parser.add_argument("--bare-repeats", dest="bare_repeats", type=int, default=3,
+                        help="--compressed: passes of the bare and medmoco loops (in turn; the median counts)")
     args = parser.parse_args()
+    if args.compressed:
+        from preprocess_compressed import run
+
+        args.attempts = args.attempts or 3
+        return run(args)
+    args.attempts = args.attempts or 5
     from dicom_preprocess.synthetic import write_distinct_slices
 
     skip = set(args.skip.split(","))

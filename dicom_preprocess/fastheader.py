@@ -1,15 +1,18 @@
 """A minimal reader of the DICOM header for the one kind of file a CT archive is made of.
 
-RSNA's 750k files are uncompressed Explicit VR Little Endian slices with a plain header. pydicom
-handles every DICOM variant, at a price: ``dcmread`` builds an element for each of the ~40 tags and
+RSNA's 750k files are uncompressed Explicit VR Little Endian slices with a plain header; other
+archives hold the same header over one compressed frame (JPEG Lossless, JPEG-LS, JPEG 2000, RLE).
+pydicom handles every DICOM variant, at a price: ``dcmread`` builds an element for each of the ~40 tags and
 each keyword look-up walks its machinery (about 1.8 ms per RSNA file on these machines, more than
 windowing and resizing the pixels). This module walks the element stream once with
-``struct.unpack_from`` and keeps only the tags the reader uses.
+``struct.unpack_from`` and keeps only the tags the reader uses; of an encapsulated PixelData, where
+its fragments lie.
 
 It never decides anything about a file: it returns None for anything it was not written for
-(another transfer syntax, a sequence of undefined length, an odd element length, a value with a
-backslash where one value is expected, non-ASCII text, a PixelData that does not fit the file,
-...), and :func:`dicom_preprocess.reader.read_dicom` then reads the file with pydicom. Files it
+(a transfer syntax :mod:`.decoders` does not list, a sequence of undefined length, an odd element
+length, a value with a backslash where one value is expected, non-ASCII text, a PixelData that does
+not fit the file, encapsulated items without their closing delimiter, ...), and
+:func:`dicom_preprocess.reader.read_dicom` then reads the file with pydicom. Files it
 does read go through the same checks as pydicom's (``reader._slice_from_header``); the tests compare
 both paths on synthetic, real RSNA, pydicom's bundled and fuzzed files.
 """
@@ -18,8 +21,15 @@ from __future__ import annotations
 import functools
 import struct
 
+from .decoders import DECODERS
+
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+# Compressed syntaxes (their datasets are Explicit VR Little Endian, their PixelData encapsulated,
+# PS3.5 A.4): those whose frames decoders.py decodes from bytes.
+ENCAPSULATED = frozenset(DECODERS)
+ITEM = (0xFFFE, 0xE000)
+SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 # Explicit VR: these VRs have two reserved bytes and a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 SHORT_VRS = {v.encode() for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "PN", "SH",
@@ -58,14 +68,18 @@ class FastHeader:
     """The header values :mod:`dicom_preprocess.reader` uses, as pydicom would give them.
 
     ``values`` maps keywords to ``str`` (text tags, stripped of padding), ``int`` (US tags) or a
-    list of ``str`` (ImagePositionPatient); ``pixel_offset``/``pixel_length`` locate PixelData.
+    list of ``str`` (ImagePositionPatient); ``pixel_offset``/``pixel_length`` locate PixelData
+    (its items, when encapsulated); ``fragments`` lists the (offset, length) of an encapsulated
+    PixelData's fragments (the Basic Offset Table left out), else None.
     """
 
-    def __init__(self, values: dict, transfer_syntax: str, pixel_offset: int, pixel_length: int):
+    def __init__(self, values: dict, transfer_syntax: str, pixel_offset: int, pixel_length: int,
+                 fragments: list | None = None):
         self.values = values
         self.transfer_syntax = transfer_syntax
         self.pixel_offset = pixel_offset
         self.pixel_length = pixel_length
+        self.fragments = fragments
 
 
 def _text(raw: bytes) -> str | None:
@@ -79,14 +93,15 @@ def _text(raw: bytes) -> str | None:
 
 
 def parse(raw: bytes) -> FastHeader | None:
-    """The header of an uncompressed little-endian DICOM file, or None (read it with pydicom)."""
+    """The header of an uncompressed little-endian or a compressed (:data:`ENCAPSULATED`) DICOM
+    file, or None (read it with pydicom)."""
     if len(raw) < 144 or raw[128:132] != b"DICM":
         return None
     try:
         at, transfer_syntax = _file_meta(raw, 132)
-        if transfer_syntax not in (EXPLICIT_LE, IMPLICIT_LE):
+        if transfer_syntax not in (EXPLICIT_LE, IMPLICIT_LE) and transfer_syntax not in ENCAPSULATED:
             return None
-        return _dataset(raw, at, transfer_syntax == EXPLICIT_LE, transfer_syntax)
+        return _dataset(raw, at, transfer_syntax != IMPLICIT_LE, transfer_syntax)
     except (struct.error, IndexError, ValueError, UnicodeDecodeError):
         return None
 
@@ -128,6 +143,7 @@ def _file_meta(raw: bytes, at: int) -> tuple[int, str]:
 def _dataset(raw: bytes, at: int, explicit: bool, transfer_syntax: str) -> FastHeader | None:
     values: dict = {}
     end = len(raw)
+    encapsulated = transfer_syntax in ENCAPSULATED
     while at + 8 <= end:
         if explicit:
             parsed = _explicit_element(raw, at)
@@ -137,9 +153,16 @@ def _dataset(raw: bytes, at: int, explicit: bool, transfer_syntax: str) -> FastH
         else:
             group, element, length = _TAG_LEN32.unpack_from(raw, at)
             start = at + 8
+        tag = (group, element)
+        if tag == PIXEL_DATA and encapsulated:
+            if length != 0xFFFFFFFF:
+                return None  # encapsulated PixelData has an undefined length (PS3.5 A.4)
+            fragments, stop = _items(raw, start)
+            if fragments is None:
+                return None
+            return FastHeader(values, transfer_syntax, start, stop - start, fragments)
         if length == 0xFFFFFFFF or length % 2 or start + length > end:
             return None  # undefined length (sequences, encapsulated pixels), odd, or past the end
-        tag = (group, element)
         if tag == PIXEL_DATA:
             return FastHeader(values, transfer_syntax, start, length)
         known = TAGS.get(tag)
@@ -164,6 +187,23 @@ def _dataset(raw: bytes, at: int, explicit: bool, transfer_syntax: str) -> FastH
                     values[keyword] = text
         at = start + length
     return None  # no PixelData
+
+
+def _items(raw: bytes, at: int) -> tuple[list | None, int]:
+    """The (offset, length) of the fragments of the encapsulated PixelData whose items start at
+    ``at``, the first item (the Basic Offset Table) left out, and where the items end; None
+    unless the items are whole, even-sized, at least one fragment, closed by the delimiter."""
+    items = []
+    end = len(raw)
+    while at + 8 <= end:
+        group, element, length = _TAG_LEN32.unpack_from(raw, at)
+        if (group, element) == SEQUENCE_DELIMITER:
+            return (items[1:] if len(items) > 1 else None), at
+        if (group, element) != ITEM or length == 0xFFFFFFFF or length % 2 or at + 8 + length > end:
+            return None, at
+        items.append((at + 8, length))
+        at += 8 + length
+    return None, at  # no delimiter: a truncated file
 
 
 class _Element:
@@ -196,9 +236,11 @@ class FastDataset:
     ``original_encoding``), so that the reader's checks run unchanged on either."""
 
     def __init__(self, raw: bytes, header: FastHeader):
+        self._raw = raw
         self._values = header.values
         self._pixels = memoryview(raw)[header.pixel_offset : header.pixel_offset + header.pixel_length]
         self._pixel_length = header.pixel_length
+        self._fragments = header.fragments
         self.file_meta = _FileMeta(header.transfer_syntax)
         self.original_encoding = (header.transfer_syntax == IMPLICIT_LE, True)  # (implicit VR, little endian)
 
@@ -217,6 +259,12 @@ class FastDataset:
     @property
     def PixelData(self) -> memoryview:  # noqa: N802 (pydicom's keyword)
         return self._pixels
+
+    def encapsulated_frame(self) -> bytes:
+        """The one frame of an encapsulated PixelData: its fragments joined (a single-frame image's
+        fragments all belong to its frame, PS3.5 A.4)."""
+        raw = self._raw
+        return b"".join(raw[start : start + length] for start, length in self._fragments)
 
     def __getattr__(self, keyword: str):
         try:

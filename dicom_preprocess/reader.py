@@ -1,12 +1,15 @@
-"""Read one CT slice from DICOM (pydicom, SimpleITK fallback), NIfTI (nibabel) or ITK files.
+"""Read one CT slice from DICOM (pydicom, :mod:`.decoders` for compressed pixels), NIfTI (nibabel)
+or ITK files.
 
-Plain uncompressed little-endian files (RSNA's kind) have their header read by
-:mod:`.fastheader` and go through the same checks; anything else, and every rejection, is read
-by pydicom. The fast path never materialises HU: an uncompressed DICOM's PixelData is viewed as 16-bit
-codes (zero-copy ``np.frombuffer``) and the code -> HU mapping (rescale slope/intercept, sign
-extension, the RSNA 12-bit wrap fix) is returned as parameters, so that the encoder can turn
-codes into windows with one table look-up. ``pixel_array`` costs ~1 ms per RSNA slice on
-these machines, ``dcmread`` alone ~0.2 ms.
+Plain uncompressed little-endian files (RSNA's kind) and compressed ones with the same plain header
+have their header read by :mod:`.fastheader` and go through the same checks; anything else, and
+every rejection, is read by pydicom. A compressed frame is decoded from the bytes in memory by the
+fastest exact decoder installed for its transfer syntax (:mod:`.decoders`), which returns stored
+values, so that the same code -> HU mapping follows. The fast path never materialises HU: an
+uncompressed DICOM's PixelData is viewed as 16-bit codes (zero-copy ``np.frombuffer``) and the
+code -> HU mapping (rescale slope/intercept, sign extension, the RSNA 12-bit wrap fix) is returned
+as parameters, so that the encoder can turn codes into windows with one table look-up.
+``pixel_array`` costs ~1 ms per RSNA slice on these machines, ``dcmread`` alone ~0.2 ms.
 
 Facts this module relies on (../shared/REFERENCE.md section 1):
 
@@ -17,8 +20,9 @@ Facts this module relies on (../shared/REFERENCE.md section 1):
   subtract 4096 where the result is >= 4096, and use intercept -1000. Recovers HU >= -1000. It is
   a CT defect: applied to CT (or an image without Modality, accepted as CT) with slope 1 only; a
   CR with slope 0.684 and intercept 200 is not HU and must not be shifted.
-* The same code -> HU rules hold on every decode path: SimpleITK (GDCM) applies slope/intercept
-  itself, so its output is turned back into stored codes first.
+* The same code -> HU rules hold on every decode path: every decoder returns the stored words
+  (SimpleITK, the last fallback, applies slope/intercept itself, so its output is turned back into
+  stored values first), and the bits above BitsStored are masked off as in uncompressed files.
 * A CT pipeline puts CT windows on CT: other modalities (MR, CR, NM, OT, ...) are refused with a
   reason unless listed in ``modalities``; a missing Modality on an otherwise valid image is
   accepted with a note.
@@ -32,14 +36,14 @@ import io
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .fastheader import fast_dataset
+from .decoders import FrameInfo, NotDecoded, decode_frame
+from .fastheader import FastDataset, fast_dataset
 
 MAX_SIDE = 4096  # larger Rows/Columns are refused before any pixel buffer is allocated
 MAX_VOLUME_VOXELS = 512 * 2**20  # 2 GiB as float32: a NIfTI/ITK header claiming more is refused unread
@@ -48,6 +52,11 @@ AIR_HU = -1024.0
 
 class SkipImage(Exception):
     """The input is not a usable CT slice; ``str(err)`` is the reason recorded in the errors table."""
+
+
+class _FrameNotDecoded(SkipImage):
+    """No decoder decoded the frame: final on the fast header's path too (pydicom's reading would
+    hand the same frame to the same decoders, and a corrupt frame would be decoded twice)."""
 
 
 @dataclass
@@ -94,6 +103,7 @@ class Slice:
     hu: np.ndarray | None = None  # (H, W) float32, when the reader applied the rescale itself
     invert: bool = False  # MONOCHROME1: display is inverted
     notes: list = field(default_factory=list)
+    decoder: str = ""  # the library that decoded compressed pixels (decoders.DECODERS); '' if none
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,25 +217,6 @@ def _uncompressed_codes(ds, rows: int, cols: int, big_endian: bool) -> tuple[np.
     return codes.reshape(rows, cols), bits_allocated
 
 
-def _sitk_values(raw: bytes) -> np.ndarray:
-    """Decode with SimpleITK (GDCM), which also applies slope/intercept (float64 (H, W))."""
-    import SimpleITK as sitk
-
-    with tempfile.NamedTemporaryFile(suffix=".dcm", delete=False) as handle:
-        handle.write(raw)
-        tmp = handle.name
-    try:
-        image = sitk.ReadImage(tmp)
-        array = sitk.GetArrayFromImage(image)
-    finally:
-        os.unlink(tmp)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise SkipImage(f"SimpleITK decoded an array of shape {array.shape}, expected one slice")
-    return array.astype(np.float64)
-
-
 DEFAULT_MODALITIES = ("CT",)
 
 
@@ -259,6 +250,8 @@ def read_dicom(source: str | bytes | BinaryIO, name: str = "", modalities=DEFAUL
         try:
             rows, cols = _check_image_tags(fast)
             return _slice_from_dataset(fast, raw_bytes, name, rows, cols, modalities)
+        except _FrameNotDecoded:
+            raise
         except Exception:  # SkipImage included: a rejection is worded by pydicom's reading, below
             pass
     from pydicom.config import disable_value_validation
@@ -336,36 +329,28 @@ def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int, m
         out.codes, bits_allocated = _uncompressed_codes(ds, rows, cols, big_endian)
         out.code_map = CodeMap(signed, min(bits_stored, bits_allocated), slope, intercept, wrap_fix)
         return out
-    # Compressed: pydicom's own decoders first, then SimpleITK (GDCM handles JPEG/JPEG-LS/J2K).
+    # Compressed: one frame, decoded from the bytes in memory (decoders.py says which library).
+    info = FrameInfo(str(tsyntax), rows, cols, int(_number(ds, "BitsAllocated", 16.0)), bits_stored, signed,
+                     photometric, slope, intercept, raw_bytes)
     try:
-        array = ds.pixel_array
-        if array.shape != (rows, cols):
-            raise SkipImage(f"decoded shape {array.shape} != Rows x Columns {(rows, cols)}")
-        out.codes = array.astype(np.int16 if signed else np.uint16).view(np.uint16)
-        out.code_map = CodeMap(signed, 16, slope, intercept, wrap_fix)
-        return out
-    except SkipImage:
-        raise
-    except Exception as pydicom_err:
-        try:
-            values = _sitk_values(raw_bytes)
-        except Exception as sitk_err:
-            raise SkipImage(
-                f"compressed transfer syntax {tsyntax.name} not decoded by pydicom ({_one_line(pydicom_err)}) "
-                f"nor SimpleITK ({_one_line(sitk_err, 200)})"
-            ) from None
-        if values.shape != (rows, cols):
-            raise SkipImage(f"decoded shape {values.shape} != Rows x Columns {(rows, cols)}")
-        # GDCM applied slope and intercept; back to the stored codes, so that the code -> HU rules
-        # (the 12-bit wrap fix included) are the same as on pydicom's paths.
-        stored = np.rint((values - intercept) / slope)
-        low, high = (-32768, 32767) if signed else (0, 65535)
-        if stored.size and (stored.min() < low or stored.max() > high):
-            raise SkipImage(f"SimpleITK decoded values outside the {'signed' if signed else 'unsigned'} 16-bit range")
-        out.codes = stored.astype(np.int16 if signed else np.uint16).view(np.uint16)
-        out.code_map = CodeMap(signed, 16, slope, intercept, wrap_fix)
-        out.notes.append("decoded by SimpleITK")
-        return out
+        decoded = decode_frame(_single_frame(ds), info)
+    except NotDecoded as err:
+        raise _FrameNotDecoded(f"compressed transfer syntax {tsyntax.name} not decoded ({err})") from None
+    out.codes = decoded.words
+    out.code_map = CodeMap(signed, bits_stored, slope, intercept, wrap_fix)
+    out.decoder = decoded.decoder
+    if decoded.fallback:
+        out.notes.append(decoded.fallback)
+    return out
+
+
+def _single_frame(ds) -> bytes:
+    """The encoded frame of a single-frame encapsulated PixelData."""
+    if isinstance(ds, FastDataset):
+        return ds.encapsulated_frame()
+    from pydicom.encaps import get_frame
+
+    return get_frame(ds.PixelData, 0, number_of_frames=1)
 
 
 def _one_line(err: BaseException, limit: int = 280) -> str:

@@ -43,8 +43,9 @@ def printable_reason(reason: str) -> str:
     return text[:MAX_REASON] + ("..." if len(text) > MAX_REASON else "")
 
 
-class _FileTimeout(Exception):
-    pass
+class _FileTimeout(BaseException):
+    """SIGALRM's: a BaseException, so that no `except Exception` on the decode path (a decoder
+    tried, then the next one) takes the alarm for a decoder's failure and carries on."""
 
 
 def _on_alarm(signum, frame):  # pragma: no cover - signal handler
@@ -136,16 +137,18 @@ class ChunkWorker:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Pay the lazy start-up costs before any file is timed: pydicom's and the numba kernels'
-        loading. A SIGALRM landing inside a half-done import leaves the interpreter broken for
+        """Pay the lazy start-up costs before any file is timed: pydicom's, the compressed-pixel
+        decoders' and the numba kernels' loading. A SIGALRM landing inside a half-done import leaves the interpreter broken for
         every later file, and a cold import from a network filesystem can take longer than
         file_timeout_s. (No torch: the resize of odd-sized slices is numpy.)"""
         import pydicom  # noqa: F401
         import pydicom.config  # noqa: F401
 
+        from . import decoders
         from .encoding import resize_square
         from .reader import CodeMap, Slice
 
+        decoders.warm_up()
         resize_square(np.zeros((1, 3, 3)), 2)
         for side in (512, 256):
             probe = Slice("warm-up", "", "", "", 0.0, codes=np.zeros((side, side), np.uint16),

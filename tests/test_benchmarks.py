@@ -48,6 +48,22 @@ def test_preprocess_per_file_job_and_readback(tmp_path):
     assert "page cache cold" in out and "page cache warm" in out
 
 
+@pytest.mark.slow
+def test_preprocess_compressed_table(tmp_path):
+    if not os.path.isdir(os.path.join(REPO, "..", "shared", "data", "rsna-train-12series")):
+        pytest.skip("real RSNA slices not found at ../shared/data/ (the compressed benchmark re-encodes them)")
+    out = _run("preprocess.py", "--compressed", "--distinct-files", "4", "--compressed-files", "4", "--job-seconds",
+               "0.001", "--bare-files", "2", "--bare-repeats", "1", "--attempts", "1", "--job-out", str(tmp_path))
+    jobs = re.findall(r"^\| (.+?) \(\d+ KB/file\) \| \*\*the job, marginal over N = 4, 1 worker", out, re.M)
+    assert jobs == ["JPEG Lossless SV1", "JPEG-LS lossless", "JPEG 2000 lossless", "RLE Lossless"]
+    for loop in ("imagecodecs: dcmread(path) + jpeg8_decode(frame)", "imagecodecs alone: frame bytes",
+                 "pylibjpeg-rle alone", "SimpleITK: ReadImage(path)", "gdcm: ImageReader(path)",
+                 "pydicom + pyjpegls: pixel_array(path)", "medmoco: read + read_dicom"):
+        assert loop in out, loop
+    summary = [line for line in out.splitlines() if re.match(r"\| (JPEG|RLE)[^(|]+\| [^|]+\| [\d,]+ \| ", line)]
+    assert len(summary) == 4 and "target: job/bare >= 0.8" in out, summary
+
+
 def test_evaluation_bootstrap_benchmark_agrees_with_the_naive_loop():
     out = _run("evaluation.py", "--slices", "600", "--patients", "40", "--replicates", "20")
     assert "max |difference|" in out and "whole evaluate_split" in out

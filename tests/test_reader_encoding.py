@@ -160,7 +160,7 @@ def _outcome(path, use_fast: bool, monkeypatch):
     finally:
         monkeypatch.undo()
     return ("slice", image.image_id, image.patient_id, image.study_uid, image.series_uid, repr(image.z),
-            image.code_map.key(), image.invert, tuple(image.notes), image.codes.tobytes())
+            image.code_map.key(), image.invert, tuple(image.notes), image.decoder, image.codes.tobytes())
 
 
 def test_the_fast_header_path_reads_exactly_what_pydicom_reads(archive, real_sample_dir, tmp_path, monkeypatch):

@@ -32,8 +32,8 @@ def _tags(uid: str, **over) -> dict:
 @pytest.fixture(scope="module")
 def wrap_slice(tmp_path_factory):
     """The RSNA 12-bit wrap defect (BitsStored 12, unsigned, intercept 0: codes are HU mod 4096)
-    stored three ways: uncompressed, RLE Lossless (pydicom decodes it) and JPEG Lossless (pydicom
-    cannot here; SimpleITK/GDCM does)."""
+    stored three ways: uncompressed, RLE Lossless (pydicom encodes it) and JPEG Lossless SV1 (GDCM,
+    through SimpleITK's writer, encodes it)."""
     import SimpleITK as sitk
     from pydicom.uid import RLELossless
 
@@ -61,15 +61,24 @@ def wrap_slice(tmp_path_factory):
     return {"hu": hu, "paths": paths}
 
 
-def test_the_wrap_fix_is_applied_on_every_decode_path(wrap_slice):
-    jl = pydicom.dcmread(wrap_slice["paths"]["jpeg_lossless"])
-    with pytest.raises(Exception):
-        jl.pixel_array  # this path is SimpleITK's, not pydicom's
+def test_the_wrap_fix_is_applied_on_every_decode_path(wrap_slice, monkeypatch):
+    from dicom_preprocess import decoders
+
+    ran = {"uncompressed": "", "rle": "pylibjpeg-rle", "jpeg_lossless": "imagecodecs"}
     for kind, path in wrap_slice["paths"].items():
         image = read_dicom(path)
         assert image.code_map.wrap_fix, kind
         np.testing.assert_array_equal(image.to_hu(), wrap_slice["hu"], err_msg=kind)  # air reads -1000, not 3096
-        assert ("decoded by SimpleITK" in image.notes) == (kind == "jpeg_lossless")
+        assert image.decoder == ran[kind] and not image.notes, (kind, image.decoder, image.notes)
+    # Each decoder of each list alone, SimpleITK's float round trip included: the same HU.
+    for kind, syntax in (("rle", decoders.RLE_LOSSLESS), ("jpeg_lossless", decoders.JPEG_LOSSLESS_SV1)):
+        assert pydicom.dcmread(wrap_slice["paths"][kind]).file_meta.TransferSyntaxUID == syntax
+        for name in decoders.DECODERS[syntax]:
+            monkeypatch.setitem(decoders.DECODERS, syntax, (name,))
+            image = read_dicom(wrap_slice["paths"][kind])
+            assert image.decoder == name and image.code_map.wrap_fix
+            np.testing.assert_array_equal(image.to_hu(), wrap_slice["hu"], err_msg=f"{kind} by {name}")
+        monkeypatch.undo()
 
 
 def test_the_wrap_rule_is_for_ct_with_slope_one_and_other_modalities_are_refused(tmp_path):
@@ -215,11 +224,14 @@ def test_counts_are_the_caches_and_a_rerun_says_what_it_reused(archive, tmp_path
 def test_decoders_messages_are_kept_whole_enough_to_read_the_cause():
     from pydicom.data import get_testdata_file
 
+    from dicom_preprocess.decoders import DECODERS, JPEG_2000
+
     path = get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm")
     if path is None:
         pytest.skip("not bundled with this pydicom")
     with pytest.raises(SkipImage) as err:
         read_dicom(path, modalities=None)
     reason = str(err.value)
-    assert "pillow:" in reason and reason.split("pillow:")[1].strip()[:1] not in ("", ")")
-    assert len(reason.split("pillow:")[1]) > 20  # more than a letter of the cause
+    assert reason.startswith("compressed transfer syntax JPEG 2000 Image Compression not decoded (")
+    for name in DECODERS[JPEG_2000]:  # each decoder tried, each with more than a letter of its cause
+        assert f"{name}: " in reason and len(reason.split(f"{name}: ")[1].split(";")[0].strip(" )")) > 10, name

@@ -19,7 +19,7 @@ from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
 from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
-from .splits import SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
+from .splits import GROUP_UNIT, SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
 
 
@@ -195,6 +195,7 @@ def _record_splits(metadata: dict, manifest: pd.DataFrame, fractions: dict, seed
     """The split settings, counts and fingerprints in ``metadata``, and the cache fingerprint
     (preprocessing, input, labels and splits: it changes when any of them does)."""
     metadata.update({"split_fractions": dict(fractions), "seed": int(seed), "split_method": SPLIT_METHOD,
+                     "group_unit": GROUP_UNIT,
                      "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
                      "split_fingerprints": split_fingerprints(manifest, SUBTYPES)})
     identity = {"windows": metadata["windows"], "window_mode": metadata["window_mode"], "size": metadata["size"],

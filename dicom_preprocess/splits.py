@@ -23,6 +23,21 @@ STRATIFY_ON = tuple(name for name in SUBTYPES if name != "any")
 # Recorded in metadata.json and the cache fingerprint: the same fractions and seed under another
 # method are other splits.
 SPLIT_METHOD = "patients, iterative stratification on the subtypes"
+# The unit splits keep together, and the only unit a statistic resamples or counts: a slice without
+# PatientID is grouped with its study (its own patient, as far as anyone can tell). Recorded in
+# metadata.json as ``group_unit``.
+GROUP_UNIT = "patient, else study"
+
+
+def group_ids(manifest: pd.DataFrame) -> np.ndarray:
+    """The grouping unit of every row: ``patient_id``, or ``study_uid`` where the patient id is empty.
+
+    Splits are drawn over these groups and every bootstrap, threshold count and comparison
+    resamples them; using the raw ``patient_id`` instead would make all ID-less slices one unit.
+    """
+    # no prefix on the study uid: the splits of caches made before this function stay as they were
+    patients = manifest["patient_id"].astype(str)
+    return patients.where(patients != "", manifest["study_uid"].astype(str)).to_numpy(dtype=object)
 
 
 def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed: int,
@@ -160,7 +175,7 @@ def assign_splits(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: 
     :func:`patient_splits`) and ``in_label_subset``
     (``label_fraction`` of the labeled train split, stratified on ``any``) columns set."""
     manifest = manifest.copy()
-    group = manifest["patient_id"].where(manifest["patient_id"] != "", manifest["study_uid"])
+    group = pd.Series(group_ids(manifest), index=manifest.index)
     if len(manifest):
         # unlabeled rows hold 0 in every subtype column
         manifest["split"] = patient_splits(group, fractions, seed, manifest[list(STRATIFY_ON)], manifest["labeled"])

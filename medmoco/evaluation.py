@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from dicom_preprocess import SUBTYPES
+from dicom_preprocess.splits import GROUP_UNIT
 
 from .bootstrap import PatientBootstrap, percentile_interval
 from .metrics import (ECE_BINS, brier_score, expected_calibration_error, operating_point, per_class_ap,
@@ -32,12 +33,14 @@ def _number(value) -> float | None:
 
 
 def evaluate_split(labels: np.ndarray, probs: np.ndarray, patients, thresholds: dict | None = None,
-                   replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+                   replicates: int = 2000, level: float = 0.95, seed: int = 0, unit: str = GROUP_UNIT) -> dict:
     """Point figures, patient-bootstrap intervals, calibration and operating points of one split.
 
     Args:
         labels, probs: (N, 6) in :data:`SUBTYPES` order.
-        patients: the patient id of each slice (N,).
+        patients: the grouping unit of each slice (N,): ``CTCache.groups(rows)``, the unit the
+            splits kept together (patient, else study).
+        unit: what ``patients`` holds, recorded in ``bootstrap.unit``.
         thresholds: ``{class: threshold}`` fixed beforehand (on validation), or None.
     """
     labels = np.asarray(labels, dtype=np.float64)
@@ -50,7 +53,7 @@ def evaluate_split(labels: np.ndarray, probs: np.ndarray, patients, thresholds: 
            "weighted_logloss": float(losses.mean()) if len(losses) else None,
            "weighted_logloss_ci": percentile_interval(boot.ratio(losses, np.ones_like(losses)), level),
            "classes": {}, "notes": [],
-           "bootstrap": {"unit": "patient", "replicates": int(replicates), "level": float(level), "seed": int(seed)}}
+           "bootstrap": {"unit": unit, "replicates": int(replicates), "level": float(level), "seed": int(seed)}}
     replicate_aucs = []
     for j, name in enumerate(SUBTYPES):
         y, p = labels[:, j], probs[:, j]

@@ -110,9 +110,9 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
             json.dump(metrics, handle, indent=1)
         return metrics
     thresholds = (info.get("operating_points") or {}).get("thresholds")
-    patients = cache.manifest["patient_id"].to_numpy()[rows[labeled]]
+    patients = cache.groups(rows[labeled])
     evaluation = evaluate_split(cache.labels(rows[labeled]), probs[labeled], patients, thresholds, replicates, level,
-                                seed)
+                                seed, cache.group_unit)
     write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about)
     return {**evaluation, **about}
 

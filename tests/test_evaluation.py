@@ -124,7 +124,7 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
     assert "epidural" not in thresholds and set(thresholds) == set(SUBTYPES[1:])
     out = evaluate_split(labels, probs, pid, thresholds, replicates=300, seed=1)
     assert out["n_images"] == n and out["n_patients"] == len(set(pid))
-    assert out["bootstrap"] == {"unit": "patient", "replicates": 300, "level": 0.95, "seed": 1}
+    assert out["bootstrap"] == {"unit": "patient, else study", "replicates": 300, "level": 0.95, "seed": 1}
     epidural = out["classes"]["epidural"]
     assert epidural["auc"] is None and epidural["auc_ci"] is None and "no AUC" in epidural["note"]
     for name in SUBTYPES[1:]:

@@ -96,3 +96,27 @@ def test_assign_splits_stratifies_a_manifest_on_its_subtypes(labels):
         assert not out.in_label_subset.any()
     shares = out["split"].value_counts(normalize=True)
     assert all(abs(shares[name] - share) < 0.05 for name, share in FRACTIONS.items())
+
+
+def test_slices_without_patient_id_are_grouped_by_study_in_splits_and_statistics():
+    # 30 studies, none with a PatientID: each study is one unit, so the splits keep a study whole
+    # and the bootstrap resamples 30 units (the raw patient_id would make them all one unit "").
+    from dicom_preprocess.splits import group_ids
+    from medmoco.bootstrap import PatientBootstrap
+
+    rng = np.random.default_rng(0)
+    studies = np.repeat([f"1.2.{i}" for i in range(30)], 12)
+    manifest = pd.DataFrame({"patient_id": "", "study_uid": studies, "image_id": [f"ID_{i}" for i in range(360)]})
+    manifest.loc[:11, "patient_id"] = "P1"  # a study with an id keeps it
+    groups = group_ids(manifest)
+    assert groups[0] == "P1" and groups[12] == "1.2.1" and len(set(groups)) == 30
+    for name in STRATIFY_ON + ("any",):
+        manifest[name] = np.uint8(0)
+    manifest["labeled"] = True
+    out = assign_splits(manifest, FRACTIONS, seed=0, label_fraction=0.5)
+    assert out.groupby("study_uid")["split"].nunique().max() == 1 and out["split"].nunique() == 4
+    y = np.repeat(rng.random(30) < 0.5, 12).astype(float)
+    score = y + rng.normal(0, 1.0, 360)
+    lo, hi = PatientBootstrap(groups, replicates=200, seed=0).interval(
+        PatientBootstrap(groups, replicates=200, seed=0).auc(y, score))
+    assert hi - lo > 0.05  # 30 units: a real interval, not the collapsed [a, a] of one unit

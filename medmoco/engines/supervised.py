@@ -293,7 +293,7 @@ def freeze_thresholds_then_test(model_path: str, cache, val_rows, val_labels, te
                         "thresholds": choose_thresholds(val_labels, val_probs, target_sensitivity)}
     test_probs = predict_rows(selected, cache, test_rows, info["context"], info["image_size"], device, batch_size)
     test_labels = cache.labels(test_rows)
-    patients = cache.manifest["patient_id"].to_numpy()[test_rows]
+    patients = cache.groups(test_rows)
     evaluation = evaluate_split(test_labels, test_probs, patients, operating_points["thresholds"], replicates,
-                                level, seed)
+                                level, seed, cache.group_unit)
     return operating_points, evaluation, test_labels, test_probs

@@ -128,9 +128,11 @@ def label_efficiency_figure(table, path: str, differences=None) -> str:
 
 
 def write_evaluation(out_dir: str, labels: np.ndarray, probs: np.ndarray, evaluation: dict,
-                     extra: dict | None = None) -> list[str]:
+                     extra: dict | None = None, slices: dict | None = None) -> list[str]:
     """``metrics.json`` (:func:`medmoco.evaluation.evaluate_split` plus ``extra``), ``metrics.md``
-    (the reviewer's table), ``roc_curves.png`` and ``reliability.png`` in ``out_dir``.
+    (the reviewer's table), ``roc_curves.png`` and ``reliability.png`` in ``out_dir``; with
+    ``slices`` (``{"image_ids", "groups", "split"}`` of the rows of ``labels``) also
+    ``predictions.parquet`` (:mod:`medmoco.predictions`), from which every figure recomputes.
 
     Returns:
         The paths written.
@@ -140,11 +142,18 @@ def write_evaluation(out_dir: str, labels: np.ndarray, probs: np.ndarray, evalua
 
     from .evaluation import markdown_table
 
+    from .predictions import FILE, write_predictions
+
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ("metrics.json", "metrics.md", "roc_curves.png",
                                                       "reliability.png")]
+    extra = dict(extra or {})
+    if slices is not None:
+        paths.append(write_predictions(os.path.join(out_dir, FILE), slices["image_ids"], slices["groups"],
+                                       slices["split"], labels, probs))
+        extra["predictions"] = FILE
     with open(paths[0], "w") as handle:
-        json.dump({**evaluation, **(extra or {})}, handle, indent=1)
+        json.dump({**evaluation, **extra}, handle, indent=1)
     with open(paths[1], "w") as handle:
         handle.write(markdown_table(evaluation))
     roc_figure(labels, probs, paths[2])

@@ -41,12 +41,16 @@ def resolve_model(spec: str, tracking_uri: str = "") -> str:
 
 
 def write_submission(image_ids, probs, path: str) -> str:
-    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]."""
+    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]
+    with nine significant digits (enough to keep every float32 probability distinct; six decimals
+    turned the 1e-6 probabilities of a fine-tuned model into ties)."""
     import numpy as np
 
     from dicom_preprocess.labels import write_long_format
+    from medmoco.predictions import SUBMISSION_FORMAT
 
-    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path, "%.6f")
+    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path,
+                             SUBMISSION_FORMAT)
 
 
 def predict_cache(model_path: str, cache_dir: str, split: str | None = None, device: str = "cpu",
@@ -113,7 +117,8 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
     patients = cache.groups(rows[labeled])
     evaluation = evaluate_split(cache.labels(rows[labeled]), probs[labeled], patients, thresholds, replicates, level,
                                 seed, cache.group_unit)
-    write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about)
+    write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about,
+                     {"image_ids": ids[labeled], "groups": patients, "split": split})
     return {**evaluation, **about}
 
 

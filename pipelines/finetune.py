@@ -244,13 +244,16 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
     from medmoco.models.classifier import set_operating_points
 
     boot = config.bootstrap
+    test_rows = cache.indices(config.test_split, labeled=True)
     operating_points, evaluation, labels, probs = freeze_thresholds_then_test(
-        model_path, cache, val_rows, val_labels, cache.indices(config.test_split, labeled=True), device,
+        model_path, cache, val_rows, val_labels, test_rows, device,
         config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed)
     operating_points["split"] = config.val_split
     if idist.get_rank() == 0:
         set_operating_points(model_path, operating_points)
-        _write_report(config, tracker, model_path, labels, probs, evaluation, epoch, operating_points)
+        slices = {"image_ids": cache.manifest["image_id"].to_numpy()[test_rows], "groups": cache.groups(test_rows),
+                  "split": config.test_split}
+        _write_report(config, tracker, model_path, labels, probs, evaluation, epoch, operating_points, slices)
         tracker.log_metrics(flat_metrics(evaluation, "test"), epoch)
         tracker.log_params({"selected_epoch": epoch, "selected_on": config.val_split,
                             "target_sensitivity": config.target_sensitivity})
@@ -258,8 +261,8 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
 
 
 def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, epoch: int,
-                  operating_points: dict) -> None:
-    """The test report (metrics.json/.md, ROC and reliability figures), training curves, the
+                  operating_points: dict, slices: dict | None = None) -> None:
+    """The test report (metrics.json/.md, predictions.parquet, ROC and reliability figures), training curves, the
     resolved config and the model, as files and artifacts."""
     import yaml
 
@@ -269,7 +272,7 @@ def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, 
     out = os.path.join(config.run_dir, "report")
     write_evaluation(out, labels, probs, evaluation,
                      {"split": config.test_split, "selected_epoch": epoch, "selected_on": config.val_split,
-                      "operating_points": operating_points})
+                      "operating_points": operating_points}, slices)
     with open(os.path.join(out, "config.yaml"), "w") as handle:
         yaml.safe_dump(to_dict(config), handle)
     if tracker.active:

@@ -57,7 +57,7 @@ def test_three_modes_train_and_log_metrics_and_artifacts(trained, cls_cache):
             assert run.data.tags["pretrain_run_id"] == "pretrain-run-x"
         names = {a.path for a in client.list_artifacts(result["run_id"], "report")}
         for name in ("roc_curves.png", "reliability.png", "training_curves.png", "metrics.json", "metrics.md",
-                     "config.yaml"):
+                     "config.yaml", "predictions.parquet"):
             assert f"report/{name}" in names, (mode, name)
         assert [a.path for a in client.list_artifacts(result["run_id"], "model")] == ["model/model.pt"]
         m = result["metrics"]
@@ -137,6 +137,9 @@ def test_evaluate_writes_intervals_operating_points_and_a_kaggle_submission(trai
     for name in ("metrics.md", "roc_curves.png", "reliability.png"):
         assert (tmp_path / "eval" / name).exists(), name
     assert metrics["n_images"] == n
+    saved_predictions = pd.read_parquet(tmp_path / "eval" / saved["predictions"])  # full precision, per slice
+    assert len(saved_predictions) == saved["n_images"] and saved_predictions["prob_any"].dtype == np.float64
+    assert set(saved_predictions["group"]) == set(cache.groups(cache.indices("test", labeled=True)))
 
 
 def test_test_split_is_read_once_by_the_selected_model_chosen_on_val(cls_cache, tmp_path, monkeypatch):

@@ -66,6 +66,10 @@ class PatientBootstrap:
         """ROC AUC of every replicate (B,), NaN where a replicate lacks positives or negatives."""
         return replicate_auc(labels, scores, self.codes, self.counts, block)
 
+    def average_precision(self, labels: np.ndarray, scores: np.ndarray, block: int = 64) -> np.ndarray:
+        """Average precision of every replicate (B,), NaN where a replicate lacks positives."""
+        return replicate_average_precision(labels, scores, self.codes, self.counts, block)
+
     def interval(self, values: np.ndarray, level: float = 0.95) -> list | None:
         """Percentile interval ``[lo, hi]`` of replicate values (NaNs left out); None when fewer
         than half of the replicates have a value."""
@@ -134,4 +138,29 @@ def _auc_by_tie_groups(y: np.ndarray, s: np.ndarray, codes: np.ndarray, counts: 
         with np.errstate(invalid="ignore", divide="ignore"):
             out[first : first + block] = np.where((total_pos > 0) & (total_neg > 0),
                                                   numerator / (total_pos * total_neg), np.nan)
+    return out
+
+
+def replicate_average_precision(labels, scores, codes: np.ndarray, counts: np.ndarray, block: int = 64) -> np.ndarray:
+    """Weighted average precision for every row of ``counts`` (B, P), as scikit-learn defines it:
+    ``sum_k (R_k - R_{k-1}) P_k`` over the distinct scores taken as thresholds from the highest
+    down, a tie group entering at once. Slice weights are their patient's count, a block of
+    replicates at a time (the tie groups of the sorted scores, as for the AUC)."""
+    y = np.asarray(labels, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted, codes_sorted = s[order], y[order], codes[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) if len(s) else np.zeros(0, dtype=np.int64)
+    out = np.full(len(counts), np.nan)
+    if len(starts) == 0:
+        return out
+    for first in range(0, len(counts), block):
+        w = counts[first : first + block][:, codes_sorted]
+        pos_g = np.add.reduceat(w * y_sorted, starts, axis=1)
+        all_g = np.add.reduceat(w, starts, axis=1)
+        tp, called = np.cumsum(pos_g, axis=1), np.cumsum(all_g, axis=1)
+        total_pos = tp[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(called > 0, tp / np.where(called > 0, called, 1.0), 0.0)
+            out[first : first + block] = np.where(total_pos > 0, (pos_g * precision).sum(axis=1) / total_pos, np.nan)
     return out

@@ -162,3 +162,37 @@ def test_paired_differences_are_a_t_interval_over_seed_paired_trials():
     half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
     assert diff["pairs"] == 5 and diff["delta_auc_mean"] == pytest.approx(d.mean())
     assert diff["delta_ci_low"] == pytest.approx(d.mean() - half) and diff["delta_ci_high"] == pytest.approx(d.mean() + half)
+
+
+def test_replicate_average_precision_equals_scikit_learn_on_the_materialised_resample():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    y, score, pid, _ = _clustered(rng)
+    score = np.round(score, 1)  # tie groups enter at once
+    y = np.where(rng.random(len(y)) < 0.2, 1 - y, y)
+    boot = PatientBootstrap(pid, replicates=30, seed=2)
+    ap = boot.average_precision(y, score, block=7)
+    for r in range(30):
+        idx = _materialised(boot.codes, boot.counts[r])
+        assert ap[r] == pytest.approx(average_precision_score(y[idx], score[idx]), abs=1e-12)
+
+
+def test_calibration_slope_and_intercept_recover_a_known_miscalibration():
+    from medmoco.metrics import calibration_slope_intercept
+
+    rng = np.random.default_rng(6)
+    logit_p = rng.normal(-1.0, 1.5, 200_000)
+    p = 1 / (1 + np.exp(-logit_p))
+    # the truth is less extreme than the model says: slope 0.6, intercept -0.3 on top
+    y = (rng.random(len(p)) < 1 / (1 + np.exp(-(-0.3 + 0.6 * logit_p)))).astype(float)
+    fit = calibration_slope_intercept(y, p)
+    assert fit["calibration_slope"] == pytest.approx(0.6, abs=0.02)
+    from scipy.optimize import brentq  # the intercept solves its score equation sum(y - expit(a + logit p)) = 0
+    root = brentq(lambda a: float(np.sum(y - 1 / (1 + np.exp(-(a + logit_p))))), -5, 5, xtol=1e-12)
+    assert fit["calibration_intercept"] == pytest.approx(root, abs=1e-6) and root < -0.05
+    well = (rng.random(len(p)) < p).astype(float)
+    fit = calibration_slope_intercept(well, p)
+    assert fit["calibration_slope"] == pytest.approx(1.0, abs=0.02)
+    assert fit["calibration_intercept"] == pytest.approx(0.0, abs=0.02)
+    assert calibration_slope_intercept(np.zeros(10), np.full(10, 0.2))["calibration_slope"] is None

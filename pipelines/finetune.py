@@ -247,7 +247,8 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
     test_rows = cache.indices(config.test_split, labeled=True)
     operating_points, evaluation, labels, probs = freeze_thresholds_then_test(
         model_path, cache, val_rows, val_labels, test_rows, device,
-        config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed)
+        config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed,
+        boot.min_groups)
     operating_points["split"] = config.val_split
     if idist.get_rank() == 0:
         set_operating_points(model_path, operating_points)
@@ -299,9 +300,11 @@ def _entry(local_rank: int, config, resume: str) -> None:
 
     result = training(local_rank, config, resume)
     if idist.get_rank() == 0:
+        from medmoco.intervals import format_estimate
+
         m = result["metrics"]
-        ci = m["auc_mean_ci"] or [float("nan")] * 2
         print(f"finetune ({config.mode}, label fraction {config.label_fraction}) done: epoch {result['selected_epoch']} "
-              f"selected on {config.val_split}; {config.test_split} AUC mean {m['auc_mean']:.4f} "
-              f"[{ci[0]:.4f}, {ci[1]:.4f}], weighted log loss {m['weighted_logloss']:.4f}; model -> {result['model']}; "
+              f"selected on {config.val_split}; {config.test_split} AUC mean "
+              f"{format_estimate(m.get('auc_mean'), m.get('auc_mean_ci'), 4)}, weighted log loss "
+              f"{format_estimate(m.get('weighted_logloss'), None, 4)}; model -> {result['model']}; "
               f"MLflow run {result['run_id']}")

@@ -125,6 +125,7 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
     out = evaluate_split(labels, probs, pid, thresholds, replicates=300, seed=1)
     assert out["n_images"] == n and out["n_patients"] == len(set(pid))
     assert out["bootstrap"] == {"unit": "patient, else study", "replicates": 300, "level": 0.95, "seed": 1}
+    assert out["auc_mean_classes"] == list(SUBTYPES[1:]) and out["auc_mean_replicates"] == 300
     epidural = out["classes"]["epidural"]
     assert epidural["auc"] is None and epidural["auc_ci"] is None and "no AUC" in epidural["note"]
     for name in SUBTYPES[1:]:
@@ -132,7 +133,8 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
         assert entry["auc"] == pytest.approx(roc_auc_score(labels[:, SUBTYPES.index(name)], probs[:, SUBTYPES.index(name)]))
         assert entry["auc_ci"][0] <= entry["auc"] <= entry["auc_ci"][1]
         assert entry["sensitivity"] >= 0.9 and entry["sensitivity_ci"][0] <= entry["sensitivity"] <= entry["sensitivity_ci"][1]
-        for key in ("ap", "ece", "brier", "specificity", "ppv", "threshold"):
+        for key in ("ap", "ap_ci", "ece", "brier", "specificity", "ppv", "ppv_ci", "npv", "npv_ci", "threshold",
+                    "calibration_slope", "calibration_intercept"):
             assert entry[key] is not None, (name, key)
     assert out["auc_mean"] == pytest.approx(np.mean([out["classes"][c]["auc"] for c in SUBTYPES[1:]]))
     assert out["auc_mean_ci"][0] <= out["auc_mean"] <= out["auc_mean_ci"][1]
@@ -140,7 +142,7 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
     flat = flat_metrics(out, "test")
     assert "test_auc_any_ci_low" in flat and "test_auc_epidural" not in flat and "test_auc_mean_ci_high" in flat
     table = markdown_table(out)
-    assert "| epidural | 0 | — |" in table and "95% CI" in table
+    assert "| epidural | n/a | n/a |" in table and "95% CI" in table
     same = evaluate_split(labels, probs, pid, thresholds, replicates=300, seed=1)
     assert same["auc_mean_ci"] == out["auc_mean_ci"]  # a seed gives the same interval
 
@@ -196,3 +198,32 @@ def test_calibration_slope_and_intercept_recover_a_known_miscalibration():
     assert fit["calibration_slope"] == pytest.approx(1.0, abs=0.02)
     assert fit["calibration_intercept"] == pytest.approx(0.0, abs=0.02)
     assert calibration_slope_intercept(np.zeros(10), np.full(10, 0.2))["calibration_slope"] is None
+
+
+def test_intervals_are_withheld_for_a_class_with_too_few_patients_and_the_mean_set_is_fixed():
+    # 200 patients; epidural bleeds in 4 of them: its AUC is reported, its intervals are not
+    rng = np.random.default_rng(7)
+    patients, slices = 200, 6
+    pid = np.repeat(np.arange(patients), slices)
+    has = rng.random((patients, 6)) < 0.3
+    has[:, 0] = False
+    has[:4, 0] = True
+    labels = has[pid].astype(float)
+    probs = np.clip(0.3 * labels + 0.7 * rng.random(labels.shape), 0, 1)
+    thresholds = choose_thresholds(labels, probs, 0.9)
+    out = evaluate_split(labels, probs, pid, thresholds, replicates=200, seed=0)
+    epidural = out["classes"]["epidural"]
+    assert epidural["positive_groups"] == 4 and epidural["negative_groups"] == 196 and epidural["positives"] == 24
+    assert epidural["auc"] is not None and epidural["npv"] is not None
+    for key in ("auc_ci", "ap_ci", "sensitivity_ci", "specificity_ci", "ppv_ci", "npv_ci"):
+        assert epidural[key] is None, key
+    assert epidural["interval_note"] == "4 positive patients (fewer than 10): interval withheld"
+    assert out["classes"]["subdural"]["auc_ci"] is not None and "interval_note" not in out["classes"]["subdural"]
+    assert out["auc_mean_ci"] is None and "epidural" in out["auc_mean_classes"]  # the set is fixed: no interval
+    assert "withheld" in markdown_table(out) and any("4 positive" in n for n in out["notes"])
+    lowered = evaluate_split(labels, probs, pid, thresholds, replicates=200, seed=0, min_groups=4)
+    assert lowered["classes"]["epidural"]["auc_ci"] is not None and lowered["auc_mean_ci"] is not None
+    # a sensitivity of 1 gets an interval that leaves 1 (a percentile bootstrap's would be [1, 1])
+    called = lowered["classes"]["epidural"]
+    assert called["sensitivity"] < 1 or called["sensitivity_ci"][0] < 1.0
+    assert lowered["auc_mean_replicates"] < 200  # replicates without an epidural patient are left out, counted

@@ -422,3 +422,28 @@ def test_killed_twice_and_resumed_finetune_logs_the_same_metrics_and_weights(cls
     client, run_id = runs["killed"]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("test-finetune").experiment_id])) == 1
+
+
+def test_a_test_split_without_positives_finishes_with_exit_0_and_n_a(cls_cache, tmp_path, capsys):
+    """A test split holding no positive slice of any class: no AUC is defined, and finetune and
+    evaluate say n/a instead of failing on a None after a successful run."""
+    import shutil
+
+    from pipelines.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cls_cache, cache)
+    manifest = pd.read_parquet(cache / "manifest.parquet")
+    manifest.loc[manifest["split"] == "test", list(SUBTYPES)] = 0
+    manifest.to_parquet(cache / "manifest.parquet", index=False)
+    cfg = write_yaml(tmp_path / "ft.yaml", finetune_settings(str(cache), str(tmp_path / "run"), str(tmp_path / "db"),
+                                                             mode="scratch", epochs=1))
+    assert main(["finetune", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "AUC mean n/a" in out
+    model = next(p for p in (tmp_path / "run").rglob("model.pt"))
+    assert main(["evaluate", "--model", str(model), "--cache", str(cache), "--out", str(tmp_path / "eval"),
+                 "--replicates", "50"]) == 0
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert saved["auc_mean"] is None and all(c["auc"] is None for c in saved["classes"].values())
+    assert "n/a" in open(tmp_path / "eval" / "metrics.md").read()

@@ -15,8 +15,6 @@ interval and a test that respects patients, and the non-inferiority rule promoti
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy.stats import norm
 
@@ -24,6 +22,8 @@ from dicom_preprocess import SUBTYPES
 
 from .bootstrap import PatientBootstrap, percentile_interval
 from .clustered import clustered_auc_test
+from .evaluation import class_counts
+from .intervals import MIN_GROUPS, format_estimate, withheld_reason
 
 
 P_VALUE_METHOD = "Obuchowski 1997 clustered, paired"
@@ -75,39 +75,53 @@ def delong(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> di
 
 
 def compare_predictions(labels: np.ndarray, candidate: np.ndarray, reference: np.ndarray, patients,
-                        replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+                        replicates: int = 2000, level: float = 0.95, seed: int = 0,
+                        min_groups: int = MIN_GROUPS) -> dict:
     """Per-class and mean AUC of both models on the same slices, their difference (candidate minus
     reference) with a paired patient-bootstrap interval, and the clustered (Obuchowski) p-value per
-    class. ``patients``: the grouping unit of each slice (``CTCache.groups(rows)``)."""
+    class. ``patients``: the grouping unit of each slice (``CTCache.groups(rows)``).
+
+    A class with fewer than ``min_groups`` positive or negative units keeps its point figures but
+    has no interval and no p (``interval_note`` says why) and is left out of the mean, which is
+    over the fixed set of the other scored classes (``mean.classes``); a replicate lacking one of
+    them is left out of the mean's interval (``mean.replicates`` counts those kept)."""
     labels = np.asarray(labels, dtype=np.float64)
     boot = PatientBootstrap(patients, replicates, seed)
-    classes, deltas_by_class, cand_means, ref_means = {}, [], [], []
+    counts = class_counts(labels, patients)
+    classes, cand_means, ref_means, mean_classes = {}, [], [], []
     for j, name in enumerate(SUBTYPES):
         y = labels[:, j]
+        c = counts[name]
         if not 0 < y.sum() < len(y):
             classes[name] = {"auc_candidate": None, "auc_reference": None, "delta": None, "delta_ci": None,
-                             "p_value": None, "positives": int(y.sum()),
-                             "note": "one label value in this split: no AUC"}
+                             "p_value": None, "positives": int(y.sum()), "positive_groups": c["positive_groups"],
+                             "negative_groups": c["negative_groups"], "note": "one label value in this split: no AUC"}
             continue
-        test = delong(y, candidate[:, j], reference[:, j])
-        clustered = clustered_auc_test(y, candidate[:, j], reference[:, j], patients)
-        cand_rep, ref_rep = boot.auc(y, candidate[:, j]), boot.auc(y, reference[:, j])
-        deltas_by_class.append(cand_rep - ref_rep)
-        cand_means.append(cand_rep)
-        ref_means.append(ref_rep)
-        classes[name] = {"auc_candidate": test["auc_a"], "auc_reference": test["auc_b"], "delta": test["delta"],
-                         "delta_ci": percentile_interval(cand_rep - ref_rep, level), "p_value": clustered["p_value"],
-                         "positives": int(y.sum())}
-    scored = [c for c in classes.values() if c["delta"] is not None]
-    mean = {"auc_candidate": None, "auc_reference": None, "delta": None, "delta_ci": None}
-    if scored:
-        mean["auc_candidate"] = float(np.mean([c["auc_candidate"] for c in scored]))
-        mean["auc_reference"] = float(np.mean([c["auc_reference"] for c in scored]))
+        test = delong(y, candidate[:, j], reference[:, j])  # the point AUCs (exact mid-rank Mann-Whitney)
+        entry = {"auc_candidate": test["auc_a"], "auc_reference": test["auc_b"], "delta": test["delta"],
+                 "delta_ci": None, "p_value": None, "positives": int(y.sum()), "positive_groups": c["positive_groups"],
+                 "negative_groups": c["negative_groups"]}
+        reason = withheld_reason(c["positive_groups"], c["negative_groups"], min_groups)
+        if reason is None:
+            cand_rep, ref_rep = boot.auc(y, candidate[:, j]), boot.auc(y, reference[:, j])
+            cand_means.append(cand_rep)
+            ref_means.append(ref_rep)
+            mean_classes.append(name)
+            entry["delta_ci"] = percentile_interval(cand_rep - ref_rep, level)
+            entry["p_value"] = clustered_auc_test(y, candidate[:, j], reference[:, j], patients)["p_value"]
+        else:
+            entry["interval_note"] = f"{reason}; left out of the mean"
+        classes[name] = entry
+    mean = {"auc_candidate": None, "auc_reference": None, "delta": None, "delta_ci": None, "classes": mean_classes,
+            "replicates": 0}
+    if mean_classes:
+        mean["auc_candidate"] = float(np.mean([classes[c]["auc_candidate"] for c in mean_classes]))
+        mean["auc_reference"] = float(np.mean([classes[c]["auc_reference"] for c in mean_classes]))
         mean["delta"] = mean["auc_candidate"] - mean["auc_reference"]
-        with warnings.catch_warnings():  # a replicate with no scorable class has no mean: NaN, dropped below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_replicate = np.nanmean(np.stack(cand_means), axis=0) - np.nanmean(np.stack(ref_means), axis=0)
-        mean["delta_ci"] = percentile_interval(per_replicate, level)
+        cand, ref = np.stack(cand_means), np.stack(ref_means)
+        complete = np.isfinite(cand).all(axis=0) & np.isfinite(ref).all(axis=0)
+        mean["replicates"] = int(complete.sum())
+        mean["delta_ci"] = percentile_interval(np.where(complete, cand.mean(axis=0) - ref.mean(axis=0), np.nan), level)
     return {"n_images": int(len(labels)), "n_patients": int(boot.n_patients), "classes": classes, "mean": mean,
             "method": {"p_value": P_VALUE_METHOD, "ci": "paired patient bootstrap", "replicates": int(replicates),
                        "level": float(level), "seed": int(seed)}}
@@ -137,30 +151,31 @@ def markdown(comparison: dict) -> str:
     cand, ref = comparison.get("candidate", {}), comparison.get("reference", {})
 
     def num(value, sign=False):
-        return "—" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
+        return format_estimate(value, None, 4, signed=sign)
 
     def ci(pair):
-        return "—" if not pair else f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
+        return "n/a" if not pair else f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
 
     def p(value):
-        return "—" if value is None else ("<0.0001" if value < 1e-4 else f"{value:.4f}")
+        return "n/a" if value is None else ("<0.0001" if value < 1e-4 else f"{value:.4f}")
 
     lines = [f"Candidate: version {cand.get('version', '?')} ({cand.get('model_uri', '')}); reference: version "
              f"{ref.get('version', '?')} ({ref.get('model_uri', '')}).",
              f"Split `{comparison.get('split', '?')}`: {comparison['n_images']} slices of {comparison['n_patients']} "
              "patients, both models on the same slices.", "",
-             f"| class | positives | AUC candidate | AUC reference | Δ (cand − ref) | {level}% CI (paired patient "
+             f"| class | positive / negative patients | AUC candidate | AUC reference | Δ (cand − ref) | {level}% CI (paired patient "
              "bootstrap) | p (clustered, Obuchowski) |", "|---|---|---|---|---|---|---|"]
     for name, c in comparison["classes"].items():
-        lines.append(f"| {name} | {c['positives']} | {num(c['auc_candidate'])} | {num(c['auc_reference'])} | "
+        lines.append(f"| {name} | {c.get('positive_groups', 'n/a')} / {c.get('negative_groups', 'n/a')} | {num(c['auc_candidate'])} | {num(c['auc_reference'])} | "
                      f"{num(c['delta'], True)} | {ci(c['delta_ci'])} | {p(c['p_value'])} |")
     m = comparison["mean"]
-    lines.append(f"| **mean** | | {num(m['auc_candidate'])} | {num(m['auc_reference'])} | **{num(m['delta'], True)}** | "
+    lines.append(f"| **mean** ({', '.join(m.get('classes', [])) or 'no class'}) | | {num(m['auc_candidate'])} | {num(m['auc_reference'])} | **{num(m['delta'], True)}** | "
                  f"**{ci(m['delta_ci'])}** | |")
     lines += ["", f"Intervals: {comparison['method']['replicates']} bootstrap replicates resampling patients, the "
               f"same resample for both models (seed {comparison['method']['seed']}). p: two-sided test of equal AUCs with "
               "Obuchowski's clustered variance (slices of a patient are correlated; DeLong's slice-level p is not "
               "shown, it is far too confident on such data)."]
+    lines += [f"Note: {name}: {c['interval_note']}." for name, c in comparison["classes"].items() if c.get("interval_note")]
     if "decision" in comparison:
         lines += ["", f"**Decision**: {comparison['decision']}"]
     return "\n".join(lines) + "\n"

@@ -97,3 +97,22 @@ def test_non_inferiority_rule():
     comparison["mean"]["delta_ci"] = [0.0, 0.01]  # as if the mean were fine
     ok, why = non_inferior(comparison, margin=0.005)
     assert not ok and "intraparenchymal" in why
+
+
+def test_a_class_with_too_few_patients_has_no_interval_or_p_and_is_left_out_of_the_mean():
+    rng = np.random.default_rng(5)
+    pid = np.repeat(np.arange(150), 8)
+    has = rng.random((150, 6)) < 0.3
+    has[:, 0] = False
+    has[:3, 0] = True  # epidural in 3 patients
+    labels = has[pid].astype(float)
+    reference = np.clip(0.4 * labels + 0.6 * rng.random(labels.shape), 0, 1)
+    candidate = np.clip(reference + rng.normal(0, 0.1, labels.shape), 0, 1)
+    out = compare_predictions(labels, candidate, reference, pid, replicates=200, seed=0)
+    epidural = out["classes"]["epidural"]
+    assert epidural["delta"] is not None and epidural["delta_ci"] is None and epidural["p_value"] is None
+    assert epidural["positive_groups"] == 3 and "3 positive patients" in epidural["interval_note"]
+    assert out["mean"]["classes"] == list(SUBTYPES[1:])
+    assert out["mean"]["delta"] == pytest.approx(np.mean([out["classes"][c]["delta"] for c in SUBTYPES[1:]]))
+    from medmoco.comparison import markdown
+    assert "epidural: 3 positive patients" in markdown(out)

@@ -22,7 +22,7 @@ DEFAULT_FRACTIONS = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0
 STRATIFY_ON = tuple(name for name in SUBTYPES if name != "any")
 # Recorded in metadata.json and the cache fingerprint: the same fractions and seed under another
 # method are other splits.
-SPLIT_METHOD = "patients, iterative stratification on the subtypes"
+SPLIT_METHOD = "patients, iterative stratification on the subtypes, repaired at the boundary"
 # The unit splits keep together, and the only unit a statistic resamples or counts: a slice without
 # PatientID is grouped with its study (its own patient, as far as anyone can tell). Recorded in
 # metadata.json as ``group_unit``.
@@ -50,8 +50,10 @@ def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed:
     count the patient's slices against every class it has; repeat. Having labels counts as one
     more class (the commonest, so it comes last); the rest go to the split that wants most slices
     (placing by slices, not heads, keeps slice shares at ``fractions``). Each split so
-    holds about its share of every class's patients, a class with at least ``1 / share`` patients
-    is in every split, and slice shares stay close to ``fractions``. Without it a rare subtype
+    holds about its share of every class's patients and slice shares stay close to ``fractions``.
+    Placing by slices can still leave a split without a class at the boundary (exactly
+    ``1 / share`` patients of it); :func:`_repair_missing_classes` then swaps patients of similar
+    size, so a class with at least ``1 / share`` patients is in every split of that share. Without it a rare subtype
     lands where chance puts it: the experiment's 22-patient test split once held none of its 21
     epidural patients.
 
@@ -110,8 +112,52 @@ def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed:
             place(patient, want_class[:, rarest])
     for patient in order[split[order] < 0]:
         place(patient, want_slices)
+    split = _repair_missing_classes(split, has, sizes, shares)
     assignment = dict(zip(patients, np.array(names)[split]))
     return patient_ids.map(assignment).to_numpy()
+
+
+def _repair_missing_classes(split: np.ndarray, has: np.ndarray, sizes: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Swap patients so that every split holds each class it has patients enough for.
+
+    Iterative stratification places most patients well but, by slices, can leave a split without
+    a class at the boundary (20 epidural patients of 500 at a 0.05 share: 3 of 200 seeds left val
+    or test without one). A split "has enough" of a class when ``share x patients of the class >= 1``.
+    For each split lacking such a class: of the class's patients in splits holding two or more of
+    them, and the lacking split's patients without the class, swap the pair closest in slices,
+    among pairs whose move leaves no split without a class it already held and needs (so a repair
+    never breaks another). Slice shares move by the size difference of the pair only.
+    Deterministic given the placement; bounded by the number of patients.
+    """
+    if not has.shape[1]:
+        return split
+    splits = len(shares)
+    needs = (shares[:, None] * has.sum(axis=0)[None, :] >= 1 - 1e-9) & (shares[:, None] > 0)  # (S, C)
+    for _ in range(len(split)):
+        held = np.stack([np.bincount(split[has[:, c]], minlength=splits) for c in range(has.shape[1])], axis=1)
+        missing = np.argwhere(needs & (held == 0))
+        if not len(missing):
+            break
+        swapped = False
+        for target, c in missing:
+            # a patient may leave split k only if every class it has that k needs stays in k
+            can_leave = np.all(~has | (held >= 2)[split] | ~needs[split], axis=1)
+            donors = np.flatnonzero(has[:, c] & (split != target) & can_leave)
+            partners = np.flatnonzero(~has[:, c] & (split == target) & can_leave)
+            if not len(donors) or not len(partners):
+                continue
+            partners = partners[np.argsort(sizes[partners], kind="mergesort")]
+            at = np.searchsorted(sizes[partners], sizes[donors])  # nearest size: a neighbour of the insertion point
+            near = np.stack([np.clip(at - 1, 0, len(partners) - 1), np.clip(at, 0, len(partners) - 1)], axis=1)
+            gap = np.abs(sizes[partners][near] - sizes[donors][:, None])
+            i, k = np.unravel_index(np.argmin(gap), gap.shape)
+            donor, partner = donors[i], partners[near[i, k]]
+            split[partner], split[donor] = split[donor], target
+            swapped = True
+            break
+        if not swapped:
+            break
+    return split
 
 
 def label_subset(labels_any: pd.Series, fraction: float, seed: int) -> np.ndarray:

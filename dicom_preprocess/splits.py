@@ -3,7 +3,10 @@
 No patient is in two splits: slices of one patient are near-duplicates, and a split by slice
 would leak them from training into testing. Four splits: ``unsupervised`` (MoCo pretraining),
 ``train`` (the labeled pool fine-tuning draws its label fraction from), ``val`` (every choice:
-epoch, early stop, thresholds) and ``test`` (read once, at the end). The RSNA lab's split of
+epoch, early stop, thresholds) and ``test`` (read once, at the end); optionally a fifth,
+``release``, on which promotion compares candidates, so that no release decision is taken on
+``test`` (a split that decides releases turns the champion's figure on it into a selected
+maximum). The RSNA lab's split of
 752,801 slices was 564,601 unsupervised / 150,560 train / 37,640 test; the defaults keep its
 unsupervised and test shares and take a validation share from train: 0.75 / 0.15 / 0.05 / 0.05.
 """
@@ -16,7 +19,9 @@ import pandas as pd
 
 from .labels import SUBTYPES
 
-SPLITS = ("unsupervised", "train", "val", "test")
+# ``release``: optional (no default share), read only to decide which model is released, so that the
+# ``test`` figures stay a single, unselected read (`medmoco split --fractions ...,release=0.05`).
+SPLITS = ("unsupervised", "train", "val", "test", "release")
 DEFAULT_FRACTIONS = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0.05}
 # Patients are stratified on these; "any" adds nothing, every positive has a subtype.
 STRATIFY_ON = tuple(name for name in SUBTYPES if name != "any")

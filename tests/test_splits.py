@@ -144,3 +144,17 @@ def test_at_the_boundary_a_class_with_one_over_share_patients_is_in_val_and_test
             assert holding == set(DEFAULT_FRACTIONS), (seed, column, holding)
         shares = pd.Series(splits).value_counts(normalize=True)
         assert all(abs(shares[n] - f) < 0.02 for n, f in DEFAULT_FRACTIONS.items()), (seed, shares.to_dict())
+
+
+def test_a_release_split_is_accepted_and_stratified_like_the_others():
+    from dicom_preprocess.splits import parse_fractions
+
+    fractions = parse_fractions("unsupervised=0.6,train=0.2,val=0.05,test=0.1,release=0.05")
+    assert fractions["release"] == 0.05
+    ids, positives = _archive(4, patients=200, rare=25)
+    splits = patient_splits(ids, fractions, 0, positives)
+    assert set(splits) == set(fractions)
+    has = positives["rare"].groupby(ids.to_numpy()).transform("max").to_numpy() > 0
+    assert "release" in set(splits[has])  # 25 x 0.05 >= 1: the rare class is there too
+    with pytest.raises(ValueError, match="unknown split"):
+        parse_fractions("train=0.5,holdout=0.5")

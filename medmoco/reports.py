@@ -111,8 +111,9 @@ def label_efficiency_figure(table, path: str, differences=None) -> str:
         ax = axes[0][1]
         for mode, part in differences.groupby("mode"):
             part = part.sort_values("label_fraction")
-            low = (part["delta_auc_mean"] - part["delta_ci_low"]).fillna(0)
-            high = (part["delta_ci_high"] - part["delta_auc_mean"]).fillna(0)
+            # a percentile interval need not contain the mean: clipped, errorbar refuses negative lengths
+            low = (part["delta_auc_mean"] - part["delta_ci_low"]).fillna(0).clip(lower=0)
+            high = (part["delta_ci_high"] - part["delta_auc_mean"]).fillna(0).clip(lower=0)
             ax.errorbar(part["label_fraction"], part["delta_auc_mean"], yerr=[low, high], marker="o", capsize=3,
                         label=f"{mode} − scratch")
         ax.axhline(0.0, color="k", lw=1)

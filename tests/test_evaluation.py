@@ -227,3 +227,39 @@ def test_intervals_are_withheld_for_a_class_with_too_few_patients_and_the_mean_s
     called = lowered["classes"]["epidural"]
     assert called["sensitivity"] < 1 or called["sensitivity_ci"][0] < 1.0
     assert lowered["auc_mean_replicates"] < 200  # replicates without an epidural patient are left out, counted
+
+
+def _label_efficiency_draw(rng, patients=40, slices=5, trials=5):
+    """Two modes with the same true AUCs: each has its own errors on each patient, shared by its
+    seeds (a model's mistakes on a patient do not change much with the seed), plus small seed noise."""
+    pid = np.repeat(np.arange(patients), slices)
+    labels = (rng.random((patients, 6)) < 0.35)[pid].astype(float)
+    out = []
+    for mode in ("scratch", "finetune"):
+        patient_error = rng.normal(0, 1.0, (patients, 6))[pid]
+        for trial in range(trials):
+            logit = 1.2 * labels + patient_error + rng.normal(0, 0.1, (patients, 6))[pid] + \
+                rng.normal(0, 0.3, labels.shape)
+            out.append({"mode": mode, "label_fraction": 0.2, "trial": trial, "labels": labels,
+                        "probs": 1 / (1 + np.exp(-logit)), "groups": pid})
+    return out
+
+
+def test_label_efficiency_interval_over_patients_and_seeds_covers_a_null_difference():
+    from medmoco.label_efficiency import paired_differences, patient_seed_bootstrap
+    from medmoco.metrics import per_class_auc
+
+    rng = np.random.default_rng(8)
+    covered = {"patients and seeds": [], "seeds only": []}
+    for draw in range(60):
+        trials = _label_efficiency_draw(rng)
+        row = patient_seed_bootstrap(trials, replicates=200, seed=draw).iloc[0]
+        covered["patients and seeds"].append(row["delta_ci_low"] <= 0.0 <= row["delta_ci_high"])
+        records = [{"mode": t["mode"], "label_fraction": 0.2, "trial": t["trial"],
+                    "auc_mean": per_class_auc(t["labels"], t["probs"])["mean"]} for t in trials]
+        seeds = paired_differences(records).iloc[0]
+        assert seeds["delta_auc_mean"] == pytest.approx(row["delta_auc_mean"])  # same point estimate
+        covered["seeds only"].append(seeds["delta_ci_low"] <= 0.0 <= seeds["delta_ci_high"])
+    coverage = {k: float(np.mean(v)) for k, v in covered.items()}
+    assert coverage["patients and seeds"] >= 0.85, coverage  # nominal 0.95
+    assert coverage["seeds only"] < 0.5, coverage  # the test split's patients held fixed: far too narrow

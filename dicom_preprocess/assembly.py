@@ -19,6 +19,7 @@ from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
 from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
+from .acquisition import COLUMNS as ACQUISITION_COLUMNS
 from .splits import GROUP_UNIT, SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
 
@@ -99,8 +100,11 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
         for row, rec in enumerate(info["records"]):
             rows.append({**rec, "shard": chunk, "row": row})
         errors.extend(info["errors"])
-    columns = ["image_id", "patient_id", "study_uid", "series_uid", "z", "source", "shard", "row", "notes"]
+    columns = ["image_id", "patient_id", "study_uid", "series_uid", "z", "source", "shard", "row", "notes",
+               *ACQUISITION_COLUMNS.values()]
     manifest = pd.DataFrame(rows, columns=columns)
+    for column in ACQUISITION_COLUMNS.values():  # absent for volumes and caches' older chunks
+        manifest[column] = manifest[column].astype(object).fillna("").astype(str)
     manifest["notes"] = manifest["notes"].astype(object).fillna("").astype(str)  # e.g. what a decoder printed for the file
     duplicated = manifest.duplicated("image_id")
     for rec in manifest[duplicated].itertuples():

@@ -39,6 +39,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .acquisition import acquisition
 from .fastheader import fast_dataset
 
 MAX_SIDE = 4096  # larger Rows/Columns are refused before any pixel buffer is allocated
@@ -94,6 +95,7 @@ class Slice:
     hu: np.ndarray | None = None  # (H, W) float32, when the reader applied the rescale itself
     invert: bool = False  # MONOCHROME1: display is inverted
     notes: list = field(default_factory=list)
+    acquisition: dict = field(default_factory=dict)  # dicom_preprocess.acquisition: scanner, kernel, thickness
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -329,6 +331,7 @@ def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int, m
         z=_z_position(ds),
         invert=photometric == "MONOCHROME1",
         notes=notes,
+        acquisition=acquisition(ds),
     )
     wrap_fix = as_ct and slope == 1.0 and bits_stored == 12 and not signed and intercept > -100
     if not encapsulated:

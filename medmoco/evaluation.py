@@ -201,7 +201,30 @@ def markdown_table(evaluation: dict) -> str:
                  f"below {evaluation.get('intervals', {}).get('min_groups', MIN_GROUPS)} positive or negative units.")
     for note in evaluation.get("notes", []):
         lines.append(f"Note: {note}.")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if evaluation.get("counts_by_split"):
+        text += "\nPer split (positive/negative units; positive/negative slices; slice prevalence):\n\n"
+        text += "| split | " + " | ".join(SUBTYPES) + " |\n|---|" + "---|" * len(SUBTYPES) + "\n"
+        for split, counts in evaluation["counts_by_split"].items():
+            text += f"| {split} | " + " | ".join(
+                f"{c['positive_groups']}/{c['negative_groups']}; {c['positives']}/{c['negatives']}; "
+                f"{format_estimate(c['prevalence'], None, 4)}" for c in counts.values()) + " |\n"
+    if evaluation.get("subgroups"):
+        from .subgroups import markdown as subgroup_markdown
+
+        text += subgroup_markdown(evaluation["subgroups"])
+    return text
+
+
+def counts_by_split(cache) -> dict:
+    """:func:`class_counts` of the labeled slices of every split of a cache (``CTCache``), by its
+    grouping unit: what a reader needs to judge each split's figures."""
+    out = {}
+    for split in sorted(set(cache.manifest["split"])):
+        rows = cache.indices(split, labeled=True)
+        if len(rows):
+            out[str(split)] = class_counts(cache.labels(rows), cache.groups(rows))
+    return out
 
 
 def choose_thresholds(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> dict:

@@ -119,6 +119,9 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
     patients = cache.groups(rows[labeled])
     evaluation = evaluate_split(cache.labels(rows[labeled]), probs[labeled], patients, thresholds, replicates, level,
                                 seed, cache.group_unit, min_groups)
+    from medmoco.subgroups import add_reader_tables
+
+    add_reader_tables(evaluation, cache, rows[labeled], probs[labeled], min_groups)
     write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about,
                      {"image_ids": ids[labeled], "groups": patients, "split": split})
     return {**evaluation, **about}

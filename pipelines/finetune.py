@@ -251,6 +251,9 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
         boot.min_groups)
     operating_points["split"] = config.val_split
     if idist.get_rank() == 0:
+        from medmoco.subgroups import add_reader_tables
+
+        add_reader_tables(evaluation, cache, test_rows, probs, boot.min_groups)
         set_operating_points(model_path, operating_points)
         slices = {"image_ids": cache.manifest["image_id"].to_numpy()[test_rows], "groups": cache.groups(test_rows),
                   "split": config.test_split}

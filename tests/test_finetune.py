@@ -380,7 +380,8 @@ def test_label_efficiency_experiment_writes_table_plot_and_child_runs(cls_cache,
     assert {"auc_mean_mean", "auc_mean_std", "auc_any_mean"} <= set(table.columns)
     diffs = result["differences"]
     assert sorted(zip(diffs["mode"], diffs["label_fraction"])) == [("finetune", 0.5), ("linear", 0.5)]
-    assert (diffs["pairs"] == 2).all() and (diffs["delta_ci_low"] <= diffs["delta_auc_mean"]).all()
+    assert (diffs["pairs"] == 2).all() and (diffs["interval"] == "patients and seeds").all()
+    assert diffs["delta_auc_mean"].notna().all()  # the interval may be NaN: the tiny test split lacks classes
     assert "mode − scratch" in open(tmp_path / "e" / "table.md").read()
     assert os.path.getsize(tmp_path / "e" / "label_efficiency.png") > 1000
     client = _client(db)
@@ -446,4 +447,7 @@ def test_a_test_split_without_positives_finishes_with_exit_0_and_n_a(cls_cache, 
                  "--replicates", "50"]) == 0
     saved = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert saved["auc_mean"] is None and all(c["auc"] is None for c in saved["classes"].values())
+    assert all(c["positives"] == 0 for c in saved["counts_by_split"]["test"].values())
+    assert saved["counts_by_split"]["val"]["any"]["positive_groups"] >= 1  # the reader sees every split's counts
+    assert set(saved["subgroups"]) == {"manufacturer", "slice_thickness"}
     assert "n/a" in open(tmp_path / "eval" / "metrics.md").read()

@@ -22,6 +22,8 @@ import pandas as pd
 
 from dicom_preprocess import SUBTYPES
 
+from .intervals import format_estimate
+
 AUC_COLUMNS = [f"auc_{c}" for c in SUBTYPES] + ["auc_mean"]
 
 
@@ -126,6 +128,8 @@ def markdown(table: pd.DataFrame, differences: pd.DataFrame | None = None) -> st
         lines += ["", f"| mode − scratch | fraction | Δ test mean AUC | 95% CI ({method}) | pairs |",
                   "|---|---|---|---|---|"]
         for _, row in differences.sort_values(["mode", "label_fraction"]).iterrows():
-            lines.append(f"| {row['mode']} | {row['label_fraction']:g} | {row['delta_auc_mean']:+.3f} | "
-                         f"[{row['delta_ci_low']:+.3f}, {row['delta_ci_high']:+.3f}] | {row['pairs']} |")
+            low, high = (format_estimate(row[k], None, signed=True) for k in ("delta_ci_low", "delta_ci_high"))
+            ci = "n/a" if "n/a" in (low, high) else f"[{low}, {high}]"
+            lines.append(f"| {row['mode']} | {row['label_fraction']:g} | "
+                         f"{format_estimate(row['delta_auc_mean'], None, signed=True)} | {ci} | {row['pairs']} |")
     return "\n".join(lines) + "\n"

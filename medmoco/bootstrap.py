@@ -66,7 +66,7 @@ class PatientBootstrap:
         """ROC AUC of every replicate (B,), NaN where a replicate lacks positives or negatives."""
         return replicate_auc(labels, scores, self.codes, self.counts, block)
 
-    def average_precision(self, labels: np.ndarray, scores: np.ndarray, block: int = 64) -> np.ndarray:
+    def average_precision(self, labels: np.ndarray, scores: np.ndarray, block: int = 16) -> np.ndarray:
         """Average precision of every replicate (B,), NaN where a replicate lacks positives."""
         return replicate_average_precision(labels, scores, self.codes, self.counts, block)
 
@@ -141,26 +141,35 @@ def _auc_by_tie_groups(y: np.ndarray, s: np.ndarray, codes: np.ndarray, counts: 
     return out
 
 
-def replicate_average_precision(labels, scores, codes: np.ndarray, counts: np.ndarray, block: int = 64) -> np.ndarray:
+def replicate_average_precision(labels, scores, codes: np.ndarray, counts: np.ndarray, block: int = 16) -> np.ndarray:
     """Weighted average precision for every row of ``counts`` (B, P), as scikit-learn defines it:
     ``sum_k (R_k - R_{k-1}) P_k`` over the distinct scores taken as thresholds from the highest
-    down, a tie group entering at once. Slice weights are their patient's count, a block of
-    replicates at a time (the tie groups of the sorted scores, as for the AUC)."""
-    y = np.asarray(labels, dtype=np.float64)
+    down, a tie group entering at once; equivalently each positive slice adds its weight times the
+    precision at the end of its tie group, over the total positive weight. Slice weights are their
+    patient's count, a block of replicates at a time; only the cumulative sums at the positives'
+    group ends are kept."""
+    y = np.asarray(labels, dtype=np.float64) > 0.5
     s = np.asarray(scores, dtype=np.float64)
+    out = np.full(len(counts), np.nan)
+    if not y.any():
+        return out
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted, codes_sorted = s[order], y[order], codes[order]
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) if len(s) else np.zeros(0, dtype=np.int64)
-    out = np.full(len(counts), np.nan)
-    if len(starts) == 0:
-        return out
+    # the last position of each slice's tie group: cumulative sums are read there
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), len(s_sorted) - 1]
+    group_end = np.repeat(ends, np.diff(np.r_[-1, ends]))
+    positives = np.flatnonzero(y_sorted)
+    read_at = group_end[positives]
+    last_positive = np.searchsorted(positives, read_at, side="right") - 1  # the group's last positive
+    # float32 sums of small integer counts are exact below 2^24 (16.7M slices x draws)
+    weights = counts.astype(np.float32)
     for first in range(0, len(counts), block):
-        w = counts[first : first + block][:, codes_sorted]
-        pos_g = np.add.reduceat(w * y_sorted, starts, axis=1)
-        all_g = np.add.reduceat(w, starts, axis=1)
-        tp, called = np.cumsum(pos_g, axis=1), np.cumsum(all_g, axis=1)
-        total_pos = tp[:, -1]
+        w = weights[first : first + block][:, codes_sorted]  # (b, N) slice weights in score order
+        called = np.cumsum(w, axis=1)[:, read_at].astype(np.float64)
+        w_pos = w[:, positives].astype(np.float64)
+        tp = np.cumsum(w_pos, axis=1)[:, last_positive]
+        total = w_pos.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = np.where(called > 0, tp / np.where(called > 0, called, 1.0), 0.0)
-            out[first : first + block] = np.where(total_pos > 0, (pos_g * precision).sum(axis=1) / total_pos, np.nan)
+            out[first : first + block] = np.where(total > 0, (w_pos * precision).sum(axis=1) / total, np.nan)
     return out

@@ -1,4 +1,5 @@
-"""Patient-level bootstrap, vectorised (REFERENCE.md section 5).
+"""Patient-level bootstrap, vectorised; the unit is the one the splits kept together (patient,
+else study: ``CTCache.groups``), called "patient" below.
 
 Slices of one patient are correlated (adjacent slices are near-duplicates, and a lesion spans
 several), so an interval that resamples slices is far too narrow. A replicate here draws patients
@@ -30,8 +31,8 @@ class PatientBootstrap:
     """``replicates`` resamples of the patients of a set of slices.
 
     Args:
-        patients: the patient id of each slice (N,). Pass ``np.arange(N)`` for a slice-level
-            bootstrap (each slice its own unit).
+        patients: the grouping unit of each slice (N,), ``CTCache.groups(rows)``. Pass
+            ``np.arange(N)`` for a slice-level bootstrap (each slice its own unit).
         replicates: how many resamples.
         seed: of the draws; the same seed and patients give the same replicates, so two models
             scored on the same slices are resampled identically (a paired bootstrap).

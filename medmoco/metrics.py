@@ -8,7 +8,7 @@ predictions of a split, already gathered from every rank.
 
 The competition metric is a weighted multi-label log loss: per image the weighted mean over the six
 subtypes of the binary cross-entropy, ``any`` weighted 2 and the others 1, with probabilities
-clipped to [1e-7, 1 - 1e-7] (REFERENCE.md section 2), averaged over images.
+clipped to [1e-7, 1 - 1e-7] (the RSNA 2019 competition's evaluation), averaged over images.
 """
 from __future__ import annotations
 

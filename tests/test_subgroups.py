@@ -53,13 +53,3 @@ def test_the_manifest_keeps_acquisition_columns(tiny_cache):
     attributes = acquisition_attributes(cache.manifest)
     assert set(attributes["slice_thickness"]) == {"> 3 mm"} and len(set(attributes["manufacturer"])) >= 2
 
-
-def test_the_cache_records_and_gives_its_grouping_unit(tiny_cache):
-    cache = open_cache(tiny_cache)
-    assert cache.metadata["group_unit"] == cache.group_unit == "patient, else study"
-    groups = cache.groups()
-    with_id = (cache.manifest["patient_id"] != "").to_numpy()
-    assert (groups[with_id] == cache.manifest["patient_id"].to_numpy()[with_id]).all()
-    assert (groups[~with_id] == cache.manifest["study_uid"].to_numpy()[~with_id]).all()
-    rows = cache.indices("test")
-    assert list(cache.groups(rows)) == list(groups[rows])

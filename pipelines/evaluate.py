@@ -123,7 +123,8 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
 
     add_reader_tables(evaluation, cache, rows[labeled], probs[labeled], min_groups)
     write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about,
-                     {"image_ids": ids[labeled], "groups": patients, "split": split})
+                     {"image_ids": ids[labeled], "groups": patients,
+                      "split": cache.manifest["split"].to_numpy()[rows[labeled]]})  # per slice: `all` spans splits
     return {**evaluation, **about}
 
 

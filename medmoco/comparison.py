@@ -163,19 +163,21 @@ def markdown(comparison: dict) -> str:
              f"{ref.get('version', '?')} ({ref.get('model_uri', '')}).",
              f"Split `{comparison.get('split', '?')}`: {comparison['n_images']} slices of {comparison['n_patients']} "
              "patients, both models on the same slices.", "",
-             f"| class | positive / negative patients | AUC candidate | AUC reference | Δ (cand − ref) | {level}% CI (paired patient "
-             "bootstrap) | p (clustered, Obuchowski) |", "|---|---|---|---|---|---|---|"]
+             f"| class | positive / negative patients | AUC candidate | AUC reference | Δ (cand − ref) | "
+             f"{level}% CI (paired patient bootstrap) | p (clustered, Obuchowski) |", "|---|---|---|---|---|---|---|"]
     for name, c in comparison["classes"].items():
-        lines.append(f"| {name} | {c.get('positive_groups', 'n/a')} / {c.get('negative_groups', 'n/a')} | {num(c['auc_candidate'])} | {num(c['auc_reference'])} | "
+        lines.append(f"| {name} | {c.get('positive_groups', 'n/a')} / {c.get('negative_groups', 'n/a')} | "
+                     f"{num(c['auc_candidate'])} | {num(c['auc_reference'])} | "
                      f"{num(c['delta'], True)} | {ci(c['delta_ci'])} | {p(c['p_value'])} |")
     m = comparison["mean"]
-    lines.append(f"| **mean** ({', '.join(m.get('classes', [])) or 'no class'}) | | {num(m['auc_candidate'])} | {num(m['auc_reference'])} | **{num(m['delta'], True)}** | "
-                 f"**{ci(m['delta_ci'])}** | |")
+    lines.append(f"| **mean** ({', '.join(m.get('classes', [])) or 'no class'}) | | {num(m['auc_candidate'])} | "
+                 f"{num(m['auc_reference'])} | **{num(m['delta'], True)}** | **{ci(m['delta_ci'])}** | |")
     lines += ["", f"Intervals: {comparison['method']['replicates']} bootstrap replicates resampling patients, the "
-              f"same resample for both models (seed {comparison['method']['seed']}). p: two-sided test of equal AUCs with "
-              "Obuchowski's clustered variance (slices of a patient are correlated; DeLong's slice-level p is not "
-              "shown, it is far too confident on such data)."]
-    lines += [f"Note: {name}: {c['interval_note']}." for name, c in comparison["classes"].items() if c.get("interval_note")]
+              f"same resample for both models (seed {comparison['method']['seed']}). p: two-sided test of equal "
+              "AUCs with Obuchowski's clustered variance (slices of a patient are correlated; DeLong's slice-level "
+              "p is not shown, it is far too confident on such data)."]
+    lines += [f"Note: {name}: {c['interval_note']}." for name, c in comparison["classes"].items()
+              if c.get("interval_note")]
     if "decision" in comparison:
         lines += ["", f"**Decision**: {comparison['decision']}"]
     return "\n".join(lines) + "\n"

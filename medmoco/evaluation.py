@@ -194,7 +194,8 @@ def markdown_table(evaluation: dict) -> str:
     lines.append(f"| **mean** ({', '.join(evaluation.get('auc_mean_classes', [])) or 'no class'}) | **{mean}** | | | | "
                  "| | | | | |")
     lines.append("")
-    lines.append(f"RSNA weighted log loss {format_estimate(evaluation['weighted_logloss'], evaluation['weighted_logloss_ci'], 4)}; "
+    loss = format_estimate(evaluation["weighted_logloss"], evaluation["weighted_logloss_ci"], 4)
+    lines.append(f"RSNA weighted log loss {loss}; "
                  f"{evaluation['n_images']} slices of {evaluation['n_patients']} units ({unit}); AUC and AP intervals: "
                  f"percentile, {evaluation['bootstrap']['replicates']} bootstrap replicates resampling units "
                  f"(seed {evaluation['bootstrap']['seed']}); proportions: cluster-adjusted Wilson; intervals withheld "

@@ -74,6 +74,7 @@ def patient_seed_bootstrap(trials: list[dict], reference: str = "scratch", repli
         trials), ``delta_ci_low``/``delta_ci_high`` (percentile, patients and seeds), ``replicates_used``.
     """
     from .bootstrap import PatientBootstrap, percentile_interval
+    from .metrics import per_class_auc
 
     if not trials:
         return pd.DataFrame()
@@ -83,13 +84,12 @@ def patient_seed_bootstrap(trials: list[dict], reference: str = "scratch", repli
     by_key = {}
     for t in trials:
         probs = np.asarray(t["probs"], dtype=np.float64)
-        from .metrics import per_class_auc
-
         point = per_class_auc(labels, probs)
         reps = np.stack([boot.auc(labels[:, j], probs[:, j]) for j in classes])  # (C, B)
         by_key[(t["mode"], t["label_fraction"], t["trial"])] = (
             float(np.mean([point[SUBTYPES[j]] for j in classes])) if classes else np.nan,
-            np.where(np.isfinite(reps).all(axis=0), reps.mean(axis=0), np.nan) if classes else np.full(replicates, np.nan))
+            np.where(np.isfinite(reps).all(axis=0), reps.mean(axis=0), np.nan) if classes
+            else np.full(replicates, np.nan))
     rng = np.random.default_rng(seed + 1)
     rows = []
     modes = sorted({(m, f) for m, f, _ in by_key if m != reference})
@@ -98,7 +98,8 @@ def patient_seed_bootstrap(trials: list[dict], reference: str = "scratch", repli
         if not paired:
             continue
         point = np.array([by_key[(mode, fraction, t)][0] - by_key[(reference, fraction, t)][0] for t in paired])
-        reps = np.stack([by_key[(mode, fraction, t)][1] - by_key[(reference, fraction, t)][1] for t in paired])  # (T, B)
+        reps = np.stack([by_key[(mode, fraction, t)][1] - by_key[(reference, fraction, t)][1]
+                         for t in paired])  # (T, B)
         drawn = rng.integers(0, len(paired), size=(replicates, len(paired)))  # seeds resampled per replicate
         values = reps[drawn, np.arange(replicates)[:, None]].mean(axis=1)
         ci = percentile_interval(values, level) or [np.nan, np.nan]

@@ -76,18 +76,19 @@ def markdown(subgroups: dict) -> str:
     class has fewer than the minimum of positive or negative units in the subgroup)."""
     lines = []
     for attribute, table in subgroups.items():
-        lines += ["", f"Subgroups by {attribute.replace('_', ' ')} (AUC; positive/negative units; * below the minimum):",
+        title = attribute.replace("_", " ")
+        lines += ["", f"Subgroups by {title} (AUC; positive/negative units; * below the minimum):",
                   "", f"| {attribute} | slices | units | mean AUC | " + " | ".join(SUBTYPES) + " |",
                   "|---|---|---|---|" + "---|" * len(SUBTYPES)]
         for value, entry in table.items():
-            cells = [f"{format_estimate(c['auc'])}{'*' if c['few'] else ''} ({c['positive_groups']}/{c['negative_groups']})"
-                     for c in entry["classes"].values()]
-            lines.append(f"| {value} | {entry['n_images']} | {entry['n_units']} | {format_estimate(entry['auc_mean'])} | "
-                         + " | ".join(cells) + " |")
+            cells = [f"{format_estimate(c['auc'])}{'*' if c['few'] else ''} "
+                     f"({c['positive_groups']}/{c['negative_groups']})" for c in entry["classes"].values()]
+            lines.append(f"| {value} | {entry['n_images']} | {entry['n_units']} | "
+                         f"{format_estimate(entry['auc_mean'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def add_reader_tables(evaluation: dict, cache, rows, probs, min_groups: int = 10) -> dict:
+def add_reader_tables(evaluation: dict, cache, rows, probs, min_groups: int = MIN_GROUPS) -> dict:
     """``counts_by_split`` (per split and class: units, slices, prevalence) and ``subgroups`` (per
     manufacturer and slice-thickness band) of the evaluated ``rows`` into ``evaluation``."""
     from .evaluation import counts_by_split

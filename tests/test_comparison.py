@@ -66,8 +66,8 @@ def test_candidate_as_reference_plus_noise_deltas_equal_scikit_learn_differences
     candidate = np.clip(reference + rng.normal(0, 0.1, (n, 6)), 0, 1)
     out = compare_predictions(labels, candidate, reference, pid, replicates=400, seed=3)
     assert out["n_images"] == n and out["n_patients"] == patients
-    assert out["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap", "replicates": 400,
-                             "level": 0.95, "seed": 3}
+    assert out["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap",
+                             "replicates": 400, "level": 0.95, "seed": 3}
     for j, name in enumerate(SUBTYPES):
         c = out["classes"][name]
         expected = roc_auc_score(labels[:, j], candidate[:, j]) - roc_auc_score(labels[:, j], reference[:, j])

@@ -48,8 +48,8 @@ def test_compare_scores_both_models_on_the_same_images(registry, easy_cache, tmp
     assert saved["candidate"] == {"version": v["learned"], "registered_model": CANDIDATES,
                                   "model_uri": f"models:/{CANDIDATES}/{v['learned']}"}
     assert saved["reference"]["version"] == v["chance"] and saved["split"] == "test"
-    assert saved["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap", "replicates": 300,
-                               "level": 0.95, "seed": 0}
+    assert saved["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap",
+                               "replicates": 300, "level": 0.95, "seed": 0}
     cache = open_cache(easy_cache)
     rows = cache.indices("test", labeled=True)
     truth = pd.DataFrame(cache.labels(rows), index=cache.manifest["image_id"].to_numpy()[rows], columns=SUBTYPES)

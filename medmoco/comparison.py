@@ -131,7 +131,8 @@ def non_inferior(comparison: dict, margin: float) -> tuple[bool, str]:
     """Whether the candidate may replace the reference, and why (or why not)."""
     mean = comparison["mean"]
     if mean["delta_ci"] is None:
-        return False, "no mean-AUC interval (no class has both labels, or too few replicates had them)"
+        return False, ("no mean-AUC interval (no class has both labels in enough patients for one, or too few "
+                       "replicates had them)")
     low = mean["delta_ci"][0]
     if low < -margin:
         return False, (f"the lower bound of the mean-AUC difference, {low:+.4f}, is below -margin = {-margin:+.4f} "

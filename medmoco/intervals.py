@@ -30,8 +30,9 @@ def withheld_reason(positive_groups: int, negative_groups: int, minimum: int = M
                     unit: str = "patients") -> str | None:
     """Why a class's intervals are withheld (fewer than ``minimum`` positive or negative groups),
     or None when they are given."""
-    short = [f"{count} {side} {unit}" for side, count in (("positive", positive_groups),
-                                                           ("negative", negative_groups)) if count < minimum]
+    singular = unit[:-1] if unit.endswith("s") else unit  # "1 positive patient"
+    short = [f"{count} {side} {unit if count != 1 else singular}"
+             for side, count in (("positive", positive_groups), ("negative", negative_groups)) if count < minimum]
     if not short:
         return None
     return f"{' and '.join(short)} (fewer than {minimum}): interval withheld"

@@ -19,7 +19,8 @@ from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
 from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
-from .splits import SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
+from .acquisition import COLUMNS as ACQUISITION_COLUMNS
+from .splits import GROUP_UNIT, SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
 
 
@@ -99,8 +100,11 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
         for row, rec in enumerate(info["records"]):
             rows.append({**rec, "shard": chunk, "row": row})
         errors.extend(info["errors"])
-    columns = ["image_id", "patient_id", "study_uid", "series_uid", "z", "source", "shard", "row", "notes"]
+    columns = ["image_id", "patient_id", "study_uid", "series_uid", "z", "source", "shard", "row", "notes",
+               *ACQUISITION_COLUMNS.values()]
     manifest = pd.DataFrame(rows, columns=columns)
+    for column in ACQUISITION_COLUMNS.values():  # absent for volumes and caches' older chunks
+        manifest[column] = manifest[column].astype(object).fillna("").astype(str)
     manifest["notes"] = manifest["notes"].astype(object).fillna("").astype(str)  # e.g. what a decoder printed for the file
     duplicated = manifest.duplicated("image_id")
     for rec in manifest[duplicated].itertuples():
@@ -195,6 +199,7 @@ def _record_splits(metadata: dict, manifest: pd.DataFrame, fractions: dict, seed
     """The split settings, counts and fingerprints in ``metadata``, and the cache fingerprint
     (preprocessing, input, labels and splits: it changes when any of them does)."""
     metadata.update({"split_fractions": dict(fractions), "seed": int(seed), "split_method": SPLIT_METHOD,
+                     "group_unit": GROUP_UNIT,
                      "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
                      "split_fingerprints": split_fingerprints(manifest, SUBTYPES)})
     identity = {"windows": metadata["windows"], "window_mode": metadata["window_mode"], "size": metadata["size"],

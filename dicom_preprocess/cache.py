@@ -345,6 +345,22 @@ class CTCache:
             mask &= self.manifest["in_label_subset"].to_numpy()
         return np.flatnonzero(mask)
 
+    @property
+    def group_unit(self) -> str:
+        """What :meth:`groups` returns, as recorded in metadata.json (caches made before it was
+        recorded were split the same way)."""
+        from .splits import GROUP_UNIT
+
+        return self.metadata.get("group_unit", GROUP_UNIT)
+
+    def groups(self, rows: Any = None) -> np.ndarray:
+        """The unit the splits kept together for each of ``rows`` (all rows when None): the patient,
+        else the study. The only grouping a statistic (bootstrap, counts, comparison) should read."""
+        from .splits import group_ids
+
+        frame = self.manifest if rows is None else self.manifest.iloc[np.asarray(rows)]
+        return group_ids(frame)
+
     def errors(self) -> pd.DataFrame:
         return pd.read_csv(os.path.join(self.root, ERRORS), dtype=str, keep_default_na=False)
 

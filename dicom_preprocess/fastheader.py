@@ -38,7 +38,12 @@ SHORT_VRS = {v.encode() for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL"
 TAGS = {
     (0x0008, 0x0018): ("SOPInstanceUID", "text"),
     (0x0008, 0x0060): ("Modality", "text"),
+    (0x0008, 0x0070): ("Manufacturer", "text"),
+    (0x0008, 0x1090): ("ManufacturerModelName", "text"),
     (0x0010, 0x0020): ("PatientID", "text"),
+    (0x0018, 0x0050): ("SliceThickness", "text"),
+    (0x0018, 0x0060): ("KVP", "text"),
+    (0x0018, 0x1210): ("ConvolutionKernel", "multi"),
     (0x0020, 0x000D): ("StudyInstanceUID", "text"),
     (0x0020, 0x000E): ("SeriesInstanceUID", "text"),
     (0x0020, 0x0032): ("ImagePositionPatient", "multi"),

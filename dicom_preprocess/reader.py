@@ -42,6 +42,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .acquisition import acquisition
 from .decoders import FrameInfo, NotDecoded, decode_frame
 from .fastheader import FastDataset, fast_dataset
 
@@ -104,6 +105,7 @@ class Slice:
     invert: bool = False  # MONOCHROME1: display is inverted
     notes: list = field(default_factory=list)
     decoder: str = ""  # the library that decoded compressed pixels (decoders.DECODERS); '' if none
+    acquisition: dict = field(default_factory=dict)  # dicom_preprocess.acquisition: scanner, kernel, thickness
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -322,6 +324,7 @@ def _slice_from_dataset(ds, raw_bytes: bytes, name: str, rows: int, cols: int, m
         z=_z_position(ds),
         invert=photometric == "MONOCHROME1",
         notes=notes,
+        acquisition=acquisition(ds),
     )
     wrap_fix = as_ct and slope == 1.0 and bits_stored == 12 and not signed and intercept > -100
     if not encapsulated:

@@ -3,7 +3,10 @@
 No patient is in two splits: slices of one patient are near-duplicates, and a split by slice
 would leak them from training into testing. Four splits: ``unsupervised`` (MoCo pretraining),
 ``train`` (the labeled pool fine-tuning draws its label fraction from), ``val`` (every choice:
-epoch, early stop, thresholds) and ``test`` (read once, at the end). The RSNA lab's split of
+epoch, early stop, thresholds) and ``test`` (read once, at the end); optionally a fifth,
+``release``, on which promotion compares candidates, so that no release decision is taken on
+``test`` (a split that decides releases turns the champion's figure on it into a selected
+maximum). The RSNA lab's split of
 752,801 slices was 564,601 unsupervised / 150,560 train / 37,640 test; the defaults keep its
 unsupervised and test shares and take a validation share from train: 0.75 / 0.15 / 0.05 / 0.05.
 """
@@ -16,13 +19,30 @@ import pandas as pd
 
 from .labels import SUBTYPES
 
-SPLITS = ("unsupervised", "train", "val", "test")
+# ``release``: optional (no default share), read only to decide which model is released, so that the
+# ``test`` figures stay a single, unselected read (`medmoco split --fractions ...,release=0.05`).
+SPLITS = ("unsupervised", "train", "val", "test", "release")
 DEFAULT_FRACTIONS = {"unsupervised": 0.75, "train": 0.15, "val": 0.05, "test": 0.05}
 # Patients are stratified on these; "any" adds nothing, every positive has a subtype.
 STRATIFY_ON = tuple(name for name in SUBTYPES if name != "any")
 # Recorded in metadata.json and the cache fingerprint: the same fractions and seed under another
 # method are other splits.
-SPLIT_METHOD = "patients, iterative stratification on the subtypes"
+SPLIT_METHOD = "patients, iterative stratification on the subtypes, repaired at the boundary"
+# The unit splits keep together, and the only unit a statistic resamples or counts: a slice without
+# PatientID is grouped with its study (its own patient, as far as anyone can tell). Recorded in
+# metadata.json as ``group_unit``.
+GROUP_UNIT = "patient, else study"
+
+
+def group_ids(manifest: pd.DataFrame) -> np.ndarray:
+    """The grouping unit of every row: ``patient_id``, or ``study_uid`` where the patient id is empty.
+
+    Splits are drawn over these groups and every bootstrap, threshold count and comparison
+    resamples them; using the raw ``patient_id`` instead would make all ID-less slices one unit.
+    """
+    # no prefix on the study uid: the splits of caches made before this function stay as they were
+    patients = manifest["patient_id"].astype(str)
+    return patients.where(patients != "", manifest["study_uid"].astype(str)).to_numpy(dtype=object)
 
 
 def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed: int,
@@ -35,8 +55,10 @@ def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed:
     count the patient's slices against every class it has; repeat. Having labels counts as one
     more class (the commonest, so it comes last); the rest go to the split that wants most slices
     (placing by slices, not heads, keeps slice shares at ``fractions``). Each split so
-    holds about its share of every class's patients, a class with at least ``1 / share`` patients
-    is in every split, and slice shares stay close to ``fractions``. Without it a rare subtype
+    holds about its share of every class's patients and slice shares stay close to ``fractions``.
+    Placing by slices can still leave a split without a class at the boundary (exactly
+    ``1 / share`` patients of it); :func:`_repair_missing_classes` then swaps patients of similar
+    size, so a class with at least ``1 / share`` patients is in every split of that share. Without it a rare subtype
     lands where chance puts it: the experiment's 22-patient test split once held none of its 21
     epidural patients.
 
@@ -95,8 +117,52 @@ def patient_splits(patient_ids: pd.Series, fractions: Mapping[str, float], seed:
             place(patient, want_class[:, rarest])
     for patient in order[split[order] < 0]:
         place(patient, want_slices)
+    split = _repair_missing_classes(split, has, sizes, shares)
     assignment = dict(zip(patients, np.array(names)[split]))
     return patient_ids.map(assignment).to_numpy()
+
+
+def _repair_missing_classes(split: np.ndarray, has: np.ndarray, sizes: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Swap patients so that every split holds each class it has patients enough for.
+
+    Iterative stratification places most patients well but, by slices, can leave a split without
+    a class at the boundary (20 epidural patients of 500 at a 0.05 share: 3 of 200 seeds left val
+    or test without one). A split "has enough" of a class when ``share x patients of the class >= 1``.
+    For each split lacking such a class: of the class's patients in splits holding two or more of
+    them, and the lacking split's patients without the class, swap the pair closest in slices,
+    among pairs whose move leaves no split without a class it already held and needs (so a repair
+    never breaks another). Slice shares move by the size difference of the pair only.
+    Deterministic given the placement; bounded by the number of patients.
+    """
+    if not has.shape[1]:
+        return split
+    splits = len(shares)
+    needs = (shares[:, None] * has.sum(axis=0)[None, :] >= 1 - 1e-9) & (shares[:, None] > 0)  # (S, C)
+    for _ in range(len(split)):
+        held = np.stack([np.bincount(split[has[:, c]], minlength=splits) for c in range(has.shape[1])], axis=1)
+        missing = np.argwhere(needs & (held == 0))
+        if not len(missing):
+            break
+        swapped = False
+        for target, c in missing:
+            # a patient may leave split k only if every class it has that k needs stays in k
+            can_leave = np.all(~has | (held >= 2)[split] | ~needs[split], axis=1)
+            donors = np.flatnonzero(has[:, c] & (split != target) & can_leave)
+            partners = np.flatnonzero(~has[:, c] & (split == target) & can_leave)
+            if not len(donors) or not len(partners):
+                continue
+            partners = partners[np.argsort(sizes[partners], kind="mergesort")]
+            at = np.searchsorted(sizes[partners], sizes[donors])  # nearest size: a neighbour of the insertion point
+            near = np.stack([np.clip(at - 1, 0, len(partners) - 1), np.clip(at, 0, len(partners) - 1)], axis=1)
+            gap = np.abs(sizes[partners][near] - sizes[donors][:, None])
+            i, k = np.unravel_index(np.argmin(gap), gap.shape)
+            donor, partner = donors[i], partners[near[i, k]]
+            split[partner], split[donor] = split[donor], target
+            swapped = True
+            break
+        if not swapped:
+            break
+    return split
 
 
 def label_subset(labels_any: pd.Series, fraction: float, seed: int) -> np.ndarray:
@@ -160,7 +226,7 @@ def assign_splits(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: 
     :func:`patient_splits`) and ``in_label_subset``
     (``label_fraction`` of the labeled train split, stratified on ``any``) columns set."""
     manifest = manifest.copy()
-    group = manifest["patient_id"].where(manifest["patient_id"] != "", manifest["study_uid"])
+    group = pd.Series(group_ids(manifest), index=manifest.index)
     if len(manifest):
         # unlabeled rows hold 0 in every subtype column
         manifest["split"] = patient_splits(group, fractions, seed, manifest[list(STRATIFY_ON)], manifest["labeled"])

@@ -41,6 +41,12 @@ ENCODINGS = (
     ("s16_zero", 16, 1, 0.0),
     ("wrap", 12, 0, 1.0),
 )
+# (Manufacturer, ManufacturerModelName, ConvolutionKernel, KVP), one per series in turn (no random
+# draw, so the rest of an archive is what it was): the subgroup tables of an evaluation have
+# several scanners and both slice thicknesses (the series spacing) to show
+SCANNERS = (("GE MEDICAL SYSTEMS", "LightSpeed VCT", "STANDARD", "120"),
+            ("SIEMENS", "SOMATOM Definition AS", "H30s", "120"),
+            ("TOSHIBA", "Aquilion ONE", "FC21", "135"))
 ODD_SHAPES = ((512, 436), (464, 512), (638, 638), (768, 768))
 AIR = -1000.0  # the wrap fix recovers HU >= -1000, and real air is about -1000 HU
 
@@ -236,6 +242,7 @@ def synthesize(
             if series_count % 5 == 4:
                 shape = ODD_SHAPES[(series_count // 5) % len(ODD_SHAPES)]
             multi_window = series_count % 2 == 0
+            scanner = SCANNERS[series_count % len(SCANNERS)]
             series_count += 1
             n = int(rng.integers(slices_per_series[0], slices_per_series[1] + 1))
             lesions = {}
@@ -268,6 +275,8 @@ def synthesize(
                     "WindowCenter": [36, 36] if multi_window else 40,
                     "WindowWidth": [80, 80] if multi_window else 80,
                     "RescaleIntercept": intercept, "RescaleSlope": 1.0,
+                    "Manufacturer": scanner[0], "ManufacturerModelName": scanner[1], "ConvolutionKernel": scanner[2],
+                    "KVP": scanner[3], "SliceThickness": f"{spacing:.1f}",
                 }
                 files.append((image_id, encode_codes(hu, name), tags))
                 archive.slices.append(SynthSlice(image_id, patient_id, study_uid, series_uid, z, labels, name,

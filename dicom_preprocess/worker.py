@@ -233,7 +233,7 @@ class ChunkWorker:
                 if config.hash_ids:
                     ids = tuple(hash_id(v, config.hash_salt) for v in ids)
                 records.append({"image_id": image.image_id, "patient_id": ids[0], "study_uid": ids[1],
-                                "series_uid": ids[2], "z": image.z, "source": source.name,
+                                "series_uid": ids[2], "z": image.z, "source": source.name, **image.acquisition,
                                 **({"notes": "; ".join(image.notes)} if image.notes else {})})
             complete = True
         except SkipImage as err:

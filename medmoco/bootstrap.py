@@ -1,4 +1,5 @@
-"""Patient-level bootstrap, vectorised (REFERENCE.md section 5).
+"""Patient-level bootstrap, vectorised; the unit is the one the splits kept together (patient,
+else study: ``CTCache.groups``), called "patient" below.
 
 Slices of one patient are correlated (adjacent slices are near-duplicates, and a lesion spans
 several), so an interval that resamples slices is far too narrow. A replicate here draws patients
@@ -30,8 +31,8 @@ class PatientBootstrap:
     """``replicates`` resamples of the patients of a set of slices.
 
     Args:
-        patients: the patient id of each slice (N,). Pass ``np.arange(N)`` for a slice-level
-            bootstrap (each slice its own unit).
+        patients: the grouping unit of each slice (N,), ``CTCache.groups(rows)``. Pass
+            ``np.arange(N)`` for a slice-level bootstrap (each slice its own unit).
         replicates: how many resamples.
         seed: of the draws; the same seed and patients give the same replicates, so two models
             scored on the same slices are resampled identically (a paired bootstrap).
@@ -65,6 +66,10 @@ class PatientBootstrap:
     def auc(self, labels: np.ndarray, scores: np.ndarray, block: int = 64) -> np.ndarray:
         """ROC AUC of every replicate (B,), NaN where a replicate lacks positives or negatives."""
         return replicate_auc(labels, scores, self.codes, self.counts, block)
+
+    def average_precision(self, labels: np.ndarray, scores: np.ndarray, block: int = 16) -> np.ndarray:
+        """Average precision of every replicate (B,), NaN where a replicate lacks positives."""
+        return replicate_average_precision(labels, scores, self.codes, self.counts, block)
 
     def interval(self, values: np.ndarray, level: float = 0.95) -> list | None:
         """Percentile interval ``[lo, hi]`` of replicate values (NaNs left out); None when fewer
@@ -134,4 +139,38 @@ def _auc_by_tie_groups(y: np.ndarray, s: np.ndarray, codes: np.ndarray, counts: 
         with np.errstate(invalid="ignore", divide="ignore"):
             out[first : first + block] = np.where((total_pos > 0) & (total_neg > 0),
                                                   numerator / (total_pos * total_neg), np.nan)
+    return out
+
+
+def replicate_average_precision(labels, scores, codes: np.ndarray, counts: np.ndarray, block: int = 16) -> np.ndarray:
+    """Weighted average precision for every row of ``counts`` (B, P), as scikit-learn defines it:
+    ``sum_k (R_k - R_{k-1}) P_k`` over the distinct scores taken as thresholds from the highest
+    down, a tie group entering at once; equivalently each positive slice adds its weight times the
+    precision at the end of its tie group, over the total positive weight. Slice weights are their
+    patient's count, a block of replicates at a time; only the cumulative sums at the positives'
+    group ends are kept."""
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.full(len(counts), np.nan)
+    if not y.any():
+        return out
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted, codes_sorted = s[order], y[order], codes[order]
+    # the last position of each slice's tie group: cumulative sums are read there
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), len(s_sorted) - 1]
+    group_end = np.repeat(ends, np.diff(np.r_[-1, ends]))
+    positives = np.flatnonzero(y_sorted)
+    read_at = group_end[positives]
+    last_positive = np.searchsorted(positives, read_at, side="right") - 1  # the group's last positive
+    # float32 sums of small integer counts are exact below 2^24 (16.7M slices x draws)
+    weights = counts.astype(np.float32)
+    for first in range(0, len(counts), block):
+        w = weights[first : first + block][:, codes_sorted]  # (b, N) slice weights in score order
+        called = np.cumsum(w, axis=1)[:, read_at].astype(np.float64)
+        w_pos = w[:, positives].astype(np.float64)
+        tp = np.cumsum(w_pos, axis=1)[:, last_positive]
+        total = w_pos.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(called > 0, tp / np.where(called > 0, called, 1.0), 0.0)
+            out[first : first + block] = np.where(total > 0, (w_pos * precision).sum(axis=1) / total, np.nan)
     return out

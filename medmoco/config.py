@@ -192,8 +192,13 @@ class BootstrapConfig:
     replicates: int = 2000
     level: float = 0.95
     seed: int = 0
+    # the fewest patients (units) with a positive and with a negative slice a class needs for its
+    # intervals; below it they are withheld with the reason (medmoco.intervals)
+    min_groups: int = 10
 
     def __post_init__(self) -> None:
+        if self.min_groups < 2:
+            raise ConfigError(f"bootstrap.min_groups {self.min_groups}: must be >= 2")
         if self.replicates < 10:
             raise ConfigError(f"bootstrap.replicates {self.replicates}: must be >= 10")
         if not 0.5 <= self.level < 1.0:

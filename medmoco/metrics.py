@@ -8,7 +8,7 @@ predictions of a split, already gathered from every rank.
 
 The competition metric is a weighted multi-label log loss: per image the weighted mean over the six
 subtypes of the binary cross-entropy, ``any`` weighted 2 and the others 1, with probabilities
-clipped to [1e-7, 1 - 1e-7] (REFERENCE.md section 2), averaged over images.
+clipped to [1e-7, 1 - 1e-7] (the RSNA 2019 competition's evaluation), averaged over images.
 """
 from __future__ import annotations
 
@@ -110,10 +110,65 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, target: flo
 
 
 def operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    """Sensitivity, specificity and PPV at ``p >= threshold`` (None where undefined)."""
+    """Sensitivity, specificity, PPV and NPV at ``p >= threshold`` (None where undefined)."""
     y = np.asarray(labels) > 0.5
     called = np.asarray(probs, dtype=np.float64) >= threshold
     tp, fp = int((called & y).sum()), int((called & ~y).sum())
     pos, neg = int(y.sum()), int((~y).sum())
-    return {"sensitivity": tp / pos if pos else None, "specificity": (neg - fp) / neg if neg else None,
-            "ppv": tp / (tp + fp) if tp + fp else None}
+    fn, tn = pos - tp, neg - fp
+    return {"sensitivity": tp / pos if pos else None, "specificity": tn / neg if neg else None,
+            "ppv": tp / (tp + fp) if tp + fp else None, "npv": tn / (tn + fn) if tn + fn else None}
+
+
+def calibration_slope_intercept(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Logistic recalibration (Cox 1958; as reported per Van Calster et al. 2016, J Clin Epidemiol
+    74:167, and 2019, BMC Med 17:230): with ``o = logit(p)`` (p clipped to [1e-7, 1 - 1e-7]),
+
+    * ``calibration_intercept``: ``a`` of ``logit P(y = 1) = a + o`` (``o`` an offset): calibration
+      in the large, 0 when the mean risk is right, negative when risks are too high;
+    * ``calibration_slope``: ``b`` of ``logit P(y = 1) = c + b o``: 1 when risks are neither too
+      extreme (``b < 1``) nor too moderate (``b > 1``).
+
+    Maximum likelihood by Newton's method with step halving. Both None when the labels have one
+    value, or the fit does not converge (separation: the slope runs off to infinity)."""
+    y = np.asarray(labels, dtype=np.float64)
+    out = {"calibration_intercept": None, "calibration_slope": None}
+    if not 0 < y.sum() < len(y):
+        return out
+    o = np.log(np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)) - np.log1p(-np.clip(
+        np.asarray(probs, dtype=np.float64), EPS, 1 - EPS))
+    intercept = _logistic_fit(y, np.ones((len(y), 1)), o)
+    both = _logistic_fit(y, np.column_stack([np.ones(len(y)), o]), np.zeros(len(y)))
+    out["calibration_intercept"] = None if intercept is None else float(intercept[0])
+    out["calibration_slope"] = None if both is None else float(both[1])
+    return out
+
+
+def _log_likelihood(y: np.ndarray, eta: np.ndarray) -> float:
+    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+
+def _logistic_fit(y: np.ndarray, x: np.ndarray, offset: np.ndarray, iterations: int = 100,
+                  tolerance: float = 1e-10) -> np.ndarray | None:
+    beta = np.zeros(x.shape[1])
+    current = _log_likelihood(y, offset)
+    for _ in range(iterations):
+        eta = offset + x @ beta
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        gradient = x.T @ (y - mu)
+        hessian = (x * (mu * (1 - mu))[:, None]).T @ x
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return None
+        scale = 1.0
+        while scale > 1e-8:
+            candidate = beta + scale * step
+            value = _log_likelihood(y, offset + x @ candidate)
+            if value >= current - 1e-12:
+                break
+            scale /= 2
+        beta, gain, current = candidate, value - current, value
+        if abs(gain) < tolerance and np.max(np.abs(scale * step)) < 1e-7:
+            return beta if np.all(np.abs(beta) < 1e3) else None
+    return None

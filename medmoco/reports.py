@@ -111,8 +111,9 @@ def label_efficiency_figure(table, path: str, differences=None) -> str:
         ax = axes[0][1]
         for mode, part in differences.groupby("mode"):
             part = part.sort_values("label_fraction")
-            low = (part["delta_auc_mean"] - part["delta_ci_low"]).fillna(0)
-            high = (part["delta_ci_high"] - part["delta_auc_mean"]).fillna(0)
+            # a percentile interval need not contain the mean: clipped, errorbar refuses negative lengths
+            low = (part["delta_auc_mean"] - part["delta_ci_low"]).fillna(0).clip(lower=0)
+            high = (part["delta_ci_high"] - part["delta_auc_mean"]).fillna(0).clip(lower=0)
             ax.errorbar(part["label_fraction"], part["delta_auc_mean"], yerr=[low, high], marker="o", capsize=3,
                         label=f"{mode} − scratch")
         ax.axhline(0.0, color="k", lw=1)
@@ -128,9 +129,11 @@ def label_efficiency_figure(table, path: str, differences=None) -> str:
 
 
 def write_evaluation(out_dir: str, labels: np.ndarray, probs: np.ndarray, evaluation: dict,
-                     extra: dict | None = None) -> list[str]:
+                     extra: dict | None = None, slices: dict | None = None) -> list[str]:
     """``metrics.json`` (:func:`medmoco.evaluation.evaluate_split` plus ``extra``), ``metrics.md``
-    (the reviewer's table), ``roc_curves.png`` and ``reliability.png`` in ``out_dir``.
+    (the reviewer's table), ``roc_curves.png`` and ``reliability.png`` in ``out_dir``; with
+    ``slices`` (``{"image_ids", "groups", "split"}`` of the rows of ``labels``) also
+    ``predictions.parquet`` (:mod:`medmoco.predictions`), from which every figure recomputes.
 
     Returns:
         The paths written.
@@ -140,11 +143,18 @@ def write_evaluation(out_dir: str, labels: np.ndarray, probs: np.ndarray, evalua
 
     from .evaluation import markdown_table
 
+    from .predictions import FILE, write_predictions
+
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, name) for name in ("metrics.json", "metrics.md", "roc_curves.png",
                                                       "reliability.png")]
+    extra = dict(extra or {})
+    if slices is not None:
+        paths.append(write_predictions(os.path.join(out_dir, FILE), slices["image_ids"], slices["groups"],
+                                       slices["split"], labels, probs))
+        extra["predictions"] = FILE
     with open(paths[0], "w") as handle:
-        json.dump({**evaluation, **(extra or {})}, handle, indent=1)
+        json.dump({**evaluation, **extra}, handle, indent=1)
     with open(paths[1], "w") as handle:
         handle.write(markdown_table(evaluation))
     roc_figure(labels, probs, paths[2])

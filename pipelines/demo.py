@@ -32,9 +32,9 @@ def _done(start: float, what: str) -> None:
 
 
 def _with_ci(value, ci) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    from medmoco.intervals import format_estimate
+
+    return format_estimate(value, ci)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,19 +51,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicates", type=int, default=2000, help="patient-bootstrap replicates for the intervals")
     parser.add_argument("--level", type=float, default=0.95, help="interval level")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--min-groups", dest="min_groups", type=int, default=10,
+                        help="fewest patients with a positive and with a negative slice a class needs for intervals")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
 
 
 def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cpu", tracking_uri: str = "",
-             replicates: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+             replicates: int = 2000, level: float = 0.95, seed: int = 0, min_groups: int = 10) -> dict:
     """Predictions of a cache split and, where it is labeled, :func:`medmoco.evaluation.evaluate_split`
     with the model's operating points (thresholds fixed on validation when it was trained)."""
     from medmoco.config import BootstrapConfig
     from medmoco.evaluation import evaluate_split
     from medmoco.reports import write_evaluation
 
-    BootstrapConfig(replicates, level, seed)  # checks them, naming the setting
+    BootstrapConfig(replicates, level, seed, min_groups)  # checks them, naming the setting
     path = resolve_model(model, tracking_uri)
     if not os.path.isdir(cache_dir):
         raise ConfigError(f"cache {cache_dir}: no such directory")
@@ -81,20 +83,27 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
             json.dump(metrics, handle, indent=1)
         return metrics
     thresholds = (info.get("operating_points") or {}).get("thresholds")
-    patients = cache.manifest["patient_id"].to_numpy()[rows[labeled]]
+    patients = cache.groups(rows[labeled])
     evaluation = evaluate_split(cache.labels(rows[labeled]), probs[labeled], patients, thresholds, replicates, level,
-                                seed)
-    write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about)
+                                seed, cache.group_unit, min_groups)
+    from medmoco.subgroups import add_reader_tables
+
+    add_reader_tables(evaluation, cache, rows[labeled], probs[labeled], min_groups)
+    write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about,
+                     {"image_ids": ids[labeled], "groups": patients,
+                      "split": cache.manifest["split"].to_numpy()[rows[labeled]]})  # per slice: `all` spans splits
     return {**evaluation, **about}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.model, args.cache, args.split, args.out, args.device, args.tracking_uri, args.replicates,
-                       args.level, args.seed)
+                       args.level, args.seed, args.min_groups)
+    from medmoco.intervals import format_estimate
+
     if metrics.get("auc_mean") is not None:
-        ci = metrics["auc_mean_ci"] or [float("nan")] * 2
-        summary = (f"AUC mean {metrics['auc_mean']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
-                   f"({int(100 * args.level)}% CI, patient bootstrap), weighted log loss {metrics['weighted_logloss']:.4f}")
+        summary = (f"AUC mean {format_estimate(metrics['auc_mean'], metrics.get('auc_mean_ci'), 4)} "
+                   f"({int(100 * args.level)}% CI, patient bootstrap), weighted log loss "
+                   f"{format_estimate(metrics.get('weighted_logloss'), None, 4)}")
     else:
         summary = "no labeled images (or no class with both labels): predictions only"
     print(f"evaluated {metrics['n_predicted']} images of {args.split}: {summary}; -> {args.out}")

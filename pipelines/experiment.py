@@ -3,7 +3,8 @@
 Runs every (mode, label fraction, trial) as a `medmoco finetune` child run of one MLflow parent
 run (each selects its epoch on val and reads test once), then writes ``table.csv``/``table.md``
 (per-class test AUC mean +/- std over trials per mode and fraction, and the trial-paired
-difference of each MoCo mode against scratch with its 95% interval: :mod:`medmoco.label_efficiency`),
+difference of each MoCo mode against scratch with its 95% interval over the test split's patients
+and the seeds: :mod:`medmoco.label_efficiency`),
 ``differences.csv`` and ``label_efficiency.png``, and logs them to the parent. Trials differ in
 the seed of initialisation and data order; the labeled subset of a fraction is the same for every
 trial and mode (``subset_seed``), so the modes are compared on identical labels. Finished trials
@@ -57,7 +58,7 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
     """Every trial of ``exp`` (a :class:`medmoco.config.ExperimentConfig`), then the tables and plot."""
     from dicom_preprocess import SUBTYPES
     from dicom_preprocess.files import atomic_write_json
-    from medmoco.label_efficiency import markdown, paired_differences, summarise
+    from medmoco.label_efficiency import markdown, summarise
     from medmoco.reports import label_efficiency_figure
     from medmoco.tracking import create_tracker
     from pipelines.finetune import training
@@ -85,7 +86,8 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
         record = {"mode": mode, "label_fraction": fraction, "trial": trial, "run_id": out["run_id"],
                   "selected_epoch": out["selected_epoch"], "weighted_logloss": m["weighted_logloss"],
                   **{k: m[k] for k in ["auc_mean"] + [f"auc_{c}" for c in SUBTYPES]},
-                  "auc_mean_ci": m["auc_mean_ci"]}
+                  "auc_mean_ci": m["auc_mean_ci"],
+                  "predictions": os.path.join(config.run_dir, "report", "predictions.parquet")}
         atomic_write_json(done, record)
         results.append(record)
         # The finished trial's engine and loader iterators sit in reference cycles; collect them
@@ -94,7 +96,7 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
         del out
         gc.collect()
     table = summarise(results)
-    differences = paired_differences(results) if "scratch" in exp.modes else None
+    differences = _differences(results) if "scratch" in exp.modes else None
     table.to_csv(os.path.join(exp.run_dir, "table.csv"), index=False)
     if differences is not None:
         differences.to_csv(os.path.join(exp.run_dir, "differences.csv"), index=False)
@@ -109,6 +111,28 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
                            int(round(row["label_fraction"] * 1000)))
     parent.finish("FINISHED")
     return {"table": table, "differences": differences, "run_id": parent.run_id, "dir": exp.run_dir}
+
+
+def _differences(results: list[dict]):
+    """Mode minus scratch per fraction: with a bootstrap over the test split's patients and the
+    seeds when every trial's test predictions are saved (:func:`medmoco.label_efficiency.patient_seed_bootstrap`),
+    else (trials recorded before predictions were saved) the t-interval over seeds alone."""
+    from medmoco.label_efficiency import paired_differences, patient_seed_bootstrap
+    from medmoco.predictions import read_predictions
+
+    if not all(r.get("predictions") and os.path.exists(r["predictions"]) for r in results):
+        log.warning("some trials have no saved test predictions: the difference's interval is over seeds only")
+        return paired_differences(results)
+    trials = []
+    for r in results:
+        saved = read_predictions(r["predictions"])
+        trials.append({"mode": r["mode"], "label_fraction": r["label_fraction"], "trial": r["trial"],
+                       "labels": saved["labels"], "probs": saved["probs"], "groups": saved["group"],
+                       "image_id": saved["image_id"]})
+    if any(list(t["image_id"]) != list(trials[0]["image_id"]) for t in trials):
+        log.warning("trials were tested on different slices: the difference's interval is over seeds only")
+        return paired_differences(results)
+    return patient_seed_bootstrap(trials)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -251,13 +251,20 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
     from medmoco.models.classifier import set_operating_points
 
     boot = config.bootstrap
+    test_rows = cache.indices(config.test_split, labeled=True)
     operating_points, evaluation, labels, probs = freeze_thresholds_then_test(
-        model_path, cache, val_rows, val_labels, cache.indices(config.test_split, labeled=True), device,
-        config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed)
+        model_path, cache, val_rows, val_labels, test_rows, device,
+        config.eval_batch_size, config.target_sensitivity, boot.replicates, boot.level, boot.seed,
+        boot.min_groups)
     operating_points["split"] = config.val_split
     if idist.get_rank() == 0:
+        from medmoco.subgroups import add_reader_tables
+
+        add_reader_tables(evaluation, cache, test_rows, probs, boot.min_groups)
         set_operating_points(model_path, operating_points)
-        _write_report(config, tracker, model_path, labels, probs, evaluation, epoch, operating_points)
+        slices = {"image_ids": cache.manifest["image_id"].to_numpy()[test_rows], "groups": cache.groups(test_rows),
+                  "split": config.test_split}
+        _write_report(config, tracker, model_path, labels, probs, evaluation, epoch, operating_points, slices)
         tracker.log_metrics(flat_metrics(evaluation, "test"), epoch)
         tracker.log_params({"selected_epoch": epoch, "selected_on": config.val_split,
                             "target_sensitivity": config.target_sensitivity})
@@ -265,8 +272,8 @@ def test_selected_model(config, cache, model_path: str, val_rows, val_labels, de
 
 
 def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, epoch: int,
-                  operating_points: dict) -> None:
-    """The test report (metrics.json/.md, ROC and reliability figures), training curves, the
+                  operating_points: dict, slices: dict | None = None) -> None:
+    """The test report (metrics.json/.md, predictions.parquet, ROC and reliability figures), training curves, the
     resolved config and the model, as files and artifacts."""
     import yaml
 
@@ -276,7 +283,7 @@ def _write_report(config, tracker, model_path, labels, probs, evaluation: dict, 
     out = os.path.join(config.run_dir, "report")
     write_evaluation(out, labels, probs, evaluation,
                      {"split": config.test_split, "selected_epoch": epoch, "selected_on": config.val_split,
-                      "operating_points": operating_points})
+                      "operating_points": operating_points}, slices)
     with open(os.path.join(out, "config.yaml"), "w") as handle:
         yaml.safe_dump(to_dict(config), handle)
     if tracker.active:
@@ -303,11 +310,13 @@ def _entry(local_rank: int, config, resume: str) -> None:
 
     result = training(local_rank, config, resume)
     if idist.get_rank() == 0:
+        from medmoco.intervals import format_estimate
+
         m = result["metrics"]
-        ci = m["auc_mean_ci"] or [float("nan")] * 2
         print(f"finetune ({config.mode}, label fraction {config.label_fraction}) done: epoch {result['selected_epoch']} "
-              f"selected on {config.val_split}; {config.test_split} AUC mean {m['auc_mean']:.4f} "
-              f"[{ci[0]:.4f}, {ci[1]:.4f}], weighted log loss {m['weighted_logloss']:.4f}; model -> {result['model']}; "
+              f"selected on {config.val_split}; {config.test_split} AUC mean "
+              f"{format_estimate(m.get('auc_mean'), m.get('auc_mean_ci'), 4)}, weighted log loss "
+              f"{format_estimate(m.get('weighted_logloss'), None, 4)}; model -> {result['model']}; "
               + (f"MLflow run {result['run_id']}" if result['run_id'] else
-               "MLflow store unreachable: tracking calls spooled in the run dir (send them with "
-               "`medmoco tracking-replay --run-dir DIR`)"))
+                 "MLflow store unreachable: tracking calls spooled in the run dir (send them with "
+                 "`medmoco tracking-replay --run-dir DIR`)"))

@@ -123,3 +123,16 @@ def test_remove_partial_chunks_deletes_what_a_killed_run_left_and_nothing_else(t
     cache_io.write_chunk(str(tmp_path), 7, np.zeros((1,) + ROW, np.uint8), [{}], [])
     remove_partial_chunks(str(tmp_path), [6, 7])
     assert sorted(os.listdir(tmp_path)) == ["chunk_000007.json", "chunk_000007.npy", "chunk_000008.npy.tmp9"]
+
+
+def test_the_cache_records_and_gives_its_grouping_unit(tiny_cache):
+    from dicom_preprocess import open_cache
+
+    cache = open_cache(tiny_cache)
+    assert cache.metadata["group_unit"] == cache.group_unit == "patient, else study"
+    groups = cache.groups()
+    with_id = (cache.manifest["patient_id"] != "").to_numpy()
+    assert (groups[with_id] == cache.manifest["patient_id"].to_numpy()[with_id]).all()
+    assert (groups[~with_id] == cache.manifest["study_uid"].to_numpy()[~with_id]).all()
+    rows = cache.indices("test")
+    assert list(cache.groups(rows)) == list(groups[rows])

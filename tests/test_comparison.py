@@ -5,6 +5,7 @@ from scipy.stats import kstest, norm
 from sklearn.metrics import roc_auc_score
 
 from dicom_preprocess import SUBTYPES
+from medmoco.clustered import clustered_auc_test
 from medmoco.comparison import compare_predictions, delong, midranks, non_inferior
 
 
@@ -65,14 +66,15 @@ def test_candidate_as_reference_plus_noise_deltas_equal_scikit_learn_differences
     candidate = np.clip(reference + rng.normal(0, 0.1, (n, 6)), 0, 1)
     out = compare_predictions(labels, candidate, reference, pid, replicates=400, seed=3)
     assert out["n_images"] == n and out["n_patients"] == patients
-    assert out["method"] == {"p_value": "DeLong paired", "ci": "paired patient bootstrap", "replicates": 400,
-                             "level": 0.95, "seed": 3}
+    assert out["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap",
+                             "replicates": 400, "level": 0.95, "seed": 3}
     for j, name in enumerate(SUBTYPES):
         c = out["classes"][name]
         expected = roc_auc_score(labels[:, j], candidate[:, j]) - roc_auc_score(labels[:, j], reference[:, j])
         assert c["delta"] == pytest.approx(expected, abs=1e-12)
         assert c["delta_ci"][0] <= c["delta"] <= c["delta_ci"][1]
-        assert c["p_value"] == pytest.approx(delong(labels[:, j], candidate[:, j], reference[:, j])["p_value"])
+        assert c["p_value"] == pytest.approx(clustered_auc_test(labels[:, j], candidate[:, j], reference[:, j],
+                                                                pid)["p_value"])
     assert out["mean"]["delta"] == pytest.approx(np.mean([out["classes"][c]["delta"] for c in SUBTYPES]))
     same = compare_predictions(labels, reference, reference, pid, replicates=400, seed=3)
     assert same["mean"]["delta_ci"] == [0.0, 0.0]  # the same resample for both models: no spurious difference
@@ -95,3 +97,22 @@ def test_non_inferiority_rule():
     comparison["mean"]["delta_ci"] = [0.0, 0.01]  # as if the mean were fine
     ok, why = non_inferior(comparison, margin=0.005)
     assert not ok and "intraparenchymal" in why
+
+
+def test_a_class_with_too_few_patients_has_no_interval_or_p_and_is_left_out_of_the_mean():
+    rng = np.random.default_rng(5)
+    pid = np.repeat(np.arange(150), 8)
+    has = rng.random((150, 6)) < 0.3
+    has[:, 0] = False
+    has[:3, 0] = True  # epidural in 3 patients
+    labels = has[pid].astype(float)
+    reference = np.clip(0.4 * labels + 0.6 * rng.random(labels.shape), 0, 1)
+    candidate = np.clip(reference + rng.normal(0, 0.1, labels.shape), 0, 1)
+    out = compare_predictions(labels, candidate, reference, pid, replicates=200, seed=0)
+    epidural = out["classes"]["epidural"]
+    assert epidural["delta"] is not None and epidural["delta_ci"] is None and epidural["p_value"] is None
+    assert epidural["positive_groups"] == 3 and "3 positive patients" in epidural["interval_note"]
+    assert out["mean"]["classes"] == list(SUBTYPES[1:])
+    assert out["mean"]["delta"] == pytest.approx(np.mean([out["classes"][c]["delta"] for c in SUBTYPES[1:]]))
+    from medmoco.comparison import markdown
+    assert "epidural: 3 positive patients" in markdown(out)

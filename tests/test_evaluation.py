@@ -124,7 +124,8 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
     assert "epidural" not in thresholds and set(thresholds) == set(SUBTYPES[1:])
     out = evaluate_split(labels, probs, pid, thresholds, replicates=300, seed=1)
     assert out["n_images"] == n and out["n_patients"] == len(set(pid))
-    assert out["bootstrap"] == {"unit": "patient", "replicates": 300, "level": 0.95, "seed": 1}
+    assert out["bootstrap"] == {"unit": "patient, else study", "replicates": 300, "level": 0.95, "seed": 1}
+    assert out["auc_mean_classes"] == list(SUBTYPES[1:]) and out["auc_mean_replicates"] == 300
     epidural = out["classes"]["epidural"]
     assert epidural["auc"] is None and epidural["auc_ci"] is None and "no AUC" in epidural["note"]
     for name in SUBTYPES[1:]:
@@ -132,7 +133,8 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
         assert entry["auc"] == pytest.approx(roc_auc_score(labels[:, SUBTYPES.index(name)], probs[:, SUBTYPES.index(name)]))
         assert entry["auc_ci"][0] <= entry["auc"] <= entry["auc_ci"][1]
         assert entry["sensitivity"] >= 0.9 and entry["sensitivity_ci"][0] <= entry["sensitivity"] <= entry["sensitivity_ci"][1]
-        for key in ("ap", "ece", "brier", "specificity", "ppv", "threshold"):
+        for key in ("ap", "ap_ci", "ece", "brier", "specificity", "ppv", "ppv_ci", "npv", "npv_ci", "threshold",
+                    "calibration_slope", "calibration_intercept"):
             assert entry[key] is not None, (name, key)
     assert out["auc_mean"] == pytest.approx(np.mean([out["classes"][c]["auc"] for c in SUBTYPES[1:]]))
     assert out["auc_mean_ci"][0] <= out["auc_mean"] <= out["auc_mean_ci"][1]
@@ -140,7 +142,7 @@ def test_evaluate_split_reports_intervals_and_null_for_a_class_without_positives
     flat = flat_metrics(out, "test")
     assert "test_auc_any_ci_low" in flat and "test_auc_epidural" not in flat and "test_auc_mean_ci_high" in flat
     table = markdown_table(out)
-    assert "| epidural | 0 | — |" in table and "95% CI" in table
+    assert "| epidural | n/a | n/a |" in table and "95% CI" in table
     same = evaluate_split(labels, probs, pid, thresholds, replicates=300, seed=1)
     assert same["auc_mean_ci"] == out["auc_mean_ci"]  # a seed gives the same interval
 
@@ -162,3 +164,102 @@ def test_paired_differences_are_a_t_interval_over_seed_paired_trials():
     half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
     assert diff["pairs"] == 5 and diff["delta_auc_mean"] == pytest.approx(d.mean())
     assert diff["delta_ci_low"] == pytest.approx(d.mean() - half) and diff["delta_ci_high"] == pytest.approx(d.mean() + half)
+
+
+def test_replicate_average_precision_equals_scikit_learn_on_the_materialised_resample():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    y, score, pid, _ = _clustered(rng)
+    score = np.round(score, 1)  # tie groups enter at once
+    y = np.where(rng.random(len(y)) < 0.2, 1 - y, y)
+    boot = PatientBootstrap(pid, replicates=30, seed=2)
+    ap = boot.average_precision(y, score, block=7)
+    for r in range(30):
+        idx = _materialised(boot.codes, boot.counts[r])
+        assert ap[r] == pytest.approx(average_precision_score(y[idx], score[idx]), abs=1e-12)
+
+
+def test_calibration_slope_and_intercept_recover_a_known_miscalibration():
+    from medmoco.metrics import calibration_slope_intercept
+
+    rng = np.random.default_rng(6)
+    logit_p = rng.normal(-1.0, 1.5, 200_000)
+    p = 1 / (1 + np.exp(-logit_p))
+    # the truth is less extreme than the model says: slope 0.6, intercept -0.3 on top
+    y = (rng.random(len(p)) < 1 / (1 + np.exp(-(-0.3 + 0.6 * logit_p)))).astype(float)
+    fit = calibration_slope_intercept(y, p)
+    assert fit["calibration_slope"] == pytest.approx(0.6, abs=0.02)
+    from scipy.optimize import brentq  # the intercept solves its score equation sum(y - expit(a + logit p)) = 0
+    root = brentq(lambda a: float(np.sum(y - 1 / (1 + np.exp(-(a + logit_p))))), -5, 5, xtol=1e-12)
+    assert fit["calibration_intercept"] == pytest.approx(root, abs=1e-6) and root < -0.05
+    well = (rng.random(len(p)) < p).astype(float)
+    fit = calibration_slope_intercept(well, p)
+    assert fit["calibration_slope"] == pytest.approx(1.0, abs=0.02)
+    assert fit["calibration_intercept"] == pytest.approx(0.0, abs=0.02)
+    assert calibration_slope_intercept(np.zeros(10), np.full(10, 0.2))["calibration_slope"] is None
+
+
+def test_intervals_are_withheld_for_a_class_with_too_few_patients_and_the_mean_set_is_fixed():
+    # 200 patients; epidural bleeds in 4 of them: its AUC is reported, its intervals are not
+    rng = np.random.default_rng(7)
+    patients, slices = 200, 6
+    pid = np.repeat(np.arange(patients), slices)
+    has = rng.random((patients, 6)) < 0.3
+    has[:, 0] = False
+    has[:4, 0] = True
+    labels = has[pid].astype(float)
+    probs = np.clip(0.3 * labels + 0.7 * rng.random(labels.shape), 0, 1)
+    thresholds = choose_thresholds(labels, probs, 0.9)
+    out = evaluate_split(labels, probs, pid, thresholds, replicates=200, seed=0)
+    epidural = out["classes"]["epidural"]
+    assert epidural["positive_groups"] == 4 and epidural["negative_groups"] == 196 and epidural["positives"] == 24
+    assert epidural["auc"] is not None and epidural["npv"] is not None
+    for key in ("auc_ci", "ap_ci", "sensitivity_ci", "specificity_ci", "ppv_ci", "npv_ci"):
+        assert epidural[key] is None, key
+    assert epidural["interval_note"] == "4 positive patients (fewer than 10): interval withheld"
+    assert out["classes"]["subdural"]["auc_ci"] is not None and "interval_note" not in out["classes"]["subdural"]
+    assert out["auc_mean_ci"] is None and "epidural" in out["auc_mean_classes"]  # the set is fixed: no interval
+    assert "withheld" in markdown_table(out) and any("4 positive" in n for n in out["notes"])
+    lowered = evaluate_split(labels, probs, pid, thresholds, replicates=200, seed=0, min_groups=4)
+    assert lowered["classes"]["epidural"]["auc_ci"] is not None and lowered["auc_mean_ci"] is not None
+    # a sensitivity of 1 gets an interval that leaves 1 (a percentile bootstrap's would be [1, 1])
+    called = lowered["classes"]["epidural"]
+    assert called["sensitivity"] < 1 or called["sensitivity_ci"][0] < 1.0
+    assert lowered["auc_mean_replicates"] < 200  # replicates without an epidural patient are left out, counted
+
+
+def _label_efficiency_draw(rng, patients=40, slices=5, trials=5):
+    """Two modes with the same true AUCs: each has its own errors on each patient, shared by its
+    seeds (a model's mistakes on a patient do not change much with the seed), plus small seed noise."""
+    pid = np.repeat(np.arange(patients), slices)
+    labels = (rng.random((patients, 6)) < 0.35)[pid].astype(float)
+    out = []
+    for mode in ("scratch", "finetune"):
+        patient_error = rng.normal(0, 1.0, (patients, 6))[pid]
+        for trial in range(trials):
+            logit = 1.2 * labels + patient_error + rng.normal(0, 0.1, (patients, 6))[pid] + \
+                rng.normal(0, 0.3, labels.shape)
+            out.append({"mode": mode, "label_fraction": 0.2, "trial": trial, "labels": labels,
+                        "probs": 1 / (1 + np.exp(-logit)), "groups": pid})
+    return out
+
+
+def test_label_efficiency_interval_over_patients_and_seeds_covers_a_null_difference():
+    from medmoco.label_efficiency import paired_differences, patient_seed_bootstrap
+    from medmoco.metrics import per_class_auc
+
+    rng = np.random.default_rng(8)
+    covered = {"patients and seeds": [], "seeds only": []}
+    for draw in range(60):
+        trials = _label_efficiency_draw(rng)
+        row = patient_seed_bootstrap(trials, replicates=200, seed=draw).iloc[0]
+        covered["patients and seeds"].append(row["delta_ci_low"] <= 0.0 <= row["delta_ci_high"])
+        records = [{"mode": t["mode"], "label_fraction": 0.2, "trial": t["trial"],
+                    "auc_mean": per_class_auc(t["labels"], t["probs"])["mean"]} for t in trials]
+        seeds = paired_differences(records).iloc[0]
+        assert seeds["delta_auc_mean"] == pytest.approx(row["delta_auc_mean"])  # same point estimate
+        covered["seeds only"].append(seeds["delta_ci_low"] <= 0.0 <= seeds["delta_ci_high"])
+    coverage = {k: float(np.mean(v)) for k, v in covered.items()}
+    assert coverage["patients and seeds"] >= 0.85, coverage  # nominal 0.95
+    assert coverage["seeds only"] < 0.5, coverage  # the test split's patients held fixed: far too narrow

@@ -47,9 +47,15 @@ def test_three_modes_train_and_log_metrics_and_artifacts(trained, cls_cache):
         per_epoch = ["loss", "lr", "val_auc_mean", "val_weighted_logloss"] + [f"val_auc_{c}" for c in scored]
         for key in per_epoch:
             assert [m.step for m in client.get_metric_history(result["run_id"], key)] == [1, 2], (mode, key)
-        for key in ["test_auc_mean", "test_weighted_logloss", "test_auc_mean_ci_low", "test_auc_mean_ci_high"]:
+        # the 3-patient test split: intervals are withheld below bootstrap.min_groups, and their
+        # metrics are then not logged at all
+        with_ci = ["test_auc_mean_ci_low", "test_auc_mean_ci_high"] if result["metrics"]["auc_mean_ci"] else []
+        for key in ["test_auc_mean", "test_weighted_logloss"] + with_ci:
             history = client.get_metric_history(result["run_id"], key)
             assert len(history) == 1 and history[0].step == result["selected_epoch"], (mode, key)  # once
+        if not with_ci:
+            assert not client.get_metric_history(result["run_id"], "test_auc_mean_ci_low")
+            assert any("too few patients" in n or "interval withheld" in n for n in result["metrics"]["notes"])
         assert run.data.params["selected_epoch"] == str(result["selected_epoch"])
         assert run.data.tags["mode"] == mode and run.data.params["label_fraction"] == "1.0"
         assert run.data.tags["cache_fingerprint"] and run.data.tags["test_split_fingerprint"]
@@ -57,12 +63,12 @@ def test_three_modes_train_and_log_metrics_and_artifacts(trained, cls_cache):
             assert run.data.tags["pretrain_run_id"] == "pretrain-run-x"
         names = {a.path for a in client.list_artifacts(result["run_id"], "report")}
         for name in ("roc_curves.png", "reliability.png", "training_curves.png", "metrics.json", "metrics.md",
-                     "config.yaml"):
+                     "config.yaml", "predictions.parquet"):
             assert f"report/{name}" in names, (mode, name)
         assert [a.path for a in client.list_artifacts(result["run_id"], "model")] == ["model/model.pt"]
         m = result["metrics"]
-        assert m["bootstrap"]["unit"] == "patient" and m["n_patients"] >= 2
-        if m["auc_mean"] is not None:
+        assert m["bootstrap"]["unit"] == "patient, else study" and m["n_patients"] >= 2
+        if m["auc_mean_ci"] is not None:
             assert m["auc_mean_ci"][0] <= m["auc_mean"] <= m["auc_mean_ci"][1]
 
 
@@ -137,6 +143,9 @@ def test_evaluate_writes_intervals_operating_points_and_a_kaggle_submission(trai
     for name in ("metrics.md", "roc_curves.png", "reliability.png"):
         assert (tmp_path / "eval" / name).exists(), name
     assert metrics["n_images"] == n
+    saved_predictions = pd.read_parquet(tmp_path / "eval" / saved["predictions"])  # full precision, per slice
+    assert len(saved_predictions) == saved["n_images"] and saved_predictions["prob_any"].dtype == np.float64
+    assert set(saved_predictions["group"]) == set(cache.groups(cache.indices("test", labeled=True)))
 
 
 def test_test_split_is_read_once_by_the_selected_model_chosen_on_val(cls_cache, tmp_path, monkeypatch):
@@ -377,7 +386,8 @@ def test_label_efficiency_experiment_writes_table_plot_and_child_runs(cls_cache,
     assert {"auc_mean_mean", "auc_mean_std", "auc_any_mean"} <= set(table.columns)
     diffs = result["differences"]
     assert sorted(zip(diffs["mode"], diffs["label_fraction"])) == [("finetune", 0.5), ("linear", 0.5)]
-    assert (diffs["pairs"] == 2).all() and (diffs["delta_ci_low"] <= diffs["delta_auc_mean"]).all()
+    assert (diffs["pairs"] == 2).all() and (diffs["interval"] == "patients and seeds").all()
+    assert diffs["delta_auc_mean"].notna().all()  # the interval may be NaN: the tiny test split lacks classes
     assert "mode − scratch" in open(tmp_path / "e" / "table.md").read()
     assert os.path.getsize(tmp_path / "e" / "label_efficiency.png") > 1000
     client = _client(db)
@@ -435,3 +445,31 @@ def test_scratch_with_a_pretrained_file_takes_its_network_but_not_its_weights(cl
     exported = torch.load(backbone_file, weights_only=True)["state_dict"]
     conv = [k for k in exported if k.endswith("conv1.weight")][0]
     assert not torch.equal(saved["state_dict"][f"backbone.{conv}"], exported[conv])  # random, not loaded
+
+
+def test_a_test_split_without_positives_finishes_with_exit_0_and_n_a(cls_cache, tmp_path, capsys):
+    """A test split holding no positive slice of any class: no AUC is defined, and finetune and
+    evaluate say n/a instead of failing on a None after a successful run."""
+    import shutil
+
+    from pipelines.cli import main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cls_cache, cache)
+    manifest = pd.read_parquet(cache / "manifest.parquet")
+    manifest.loc[manifest["split"] == "test", list(SUBTYPES)] = 0
+    manifest.to_parquet(cache / "manifest.parquet", index=False)
+    cfg = write_yaml(tmp_path / "ft.yaml", finetune_settings(str(cache), str(tmp_path / "run"), str(tmp_path / "db"),
+                                                             mode="scratch", epochs=1))
+    assert main(["finetune", "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "AUC mean n/a" in out
+    model = next(p for p in (tmp_path / "run").rglob("model.pt"))
+    assert main(["evaluate", "--model", str(model), "--cache", str(cache), "--out", str(tmp_path / "eval"),
+                 "--replicates", "50"]) == 0
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert saved["auc_mean"] is None and all(c["auc"] is None for c in saved["classes"].values())
+    assert all(c["positives"] == 0 for c in saved["counts_by_split"]["test"].values())
+    assert saved["counts_by_split"]["val"]["any"]["positive_groups"] >= 1  # the reader sees every split's counts
+    assert set(saved["subgroups"]) == {"manufacturer", "slice_thickness"}
+    assert "n/a" in open(tmp_path / "eval" / "metrics.md").read()

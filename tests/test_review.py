@@ -48,8 +48,8 @@ def test_compare_scores_both_models_on_the_same_images(registry, easy_cache, tmp
     assert saved["candidate"] == {"version": v["learned"], "registered_model": CANDIDATES,
                                   "model_uri": f"models:/{CANDIDATES}/{v['learned']}"}
     assert saved["reference"]["version"] == v["chance"] and saved["split"] == "test"
-    assert saved["method"] == {"p_value": "DeLong paired", "ci": "paired patient bootstrap", "replicates": 300,
-                               "level": 0.95, "seed": 0}
+    assert saved["method"] == {"p_value": "Obuchowski 1997 clustered, paired", "ci": "paired patient bootstrap",
+                               "replicates": 300, "level": 0.95, "seed": 0}
     cache = open_cache(easy_cache)
     rows = cache.indices("test", labeled=True)
     truth = pd.DataFrame(cache.labels(rows), index=cache.manifest["image_id"].to_numpy()[rows], columns=SUBTYPES)
@@ -67,7 +67,7 @@ def test_compare_scores_both_models_on_the_same_images(registry, easy_cache, tmp
         assert entry["delta"] == pytest.approx(aucs["candidate"] - aucs["reference"], abs=2e-3)  # CSV: 6 decimals
         assert entry["delta_ci"][0] <= entry["delta"] <= entry["delta_ci"][1] and 0 <= entry["p_value"] <= 1
     assert saved["mean"]["delta"] > 0.2  # the learned model is clearly better on the easy task
-    assert "DeLong" in open(out / "comparison.md").read()
+    assert "Obuchowski" in open(out / "comparison.md").read()
     pngs = sorted(p for p in os.listdir(out / "cases") if p.endswith(".png"))
     assert pngs == sorted(f"{c}_{k}.png" for c in SUBTYPES for k in KINDS)
     assert all(os.path.getsize(out / "cases" / p) > 2000 for p in pngs)

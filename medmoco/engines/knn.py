@@ -61,7 +61,7 @@ def knn_monitor(backbone: torch.nn.Module, cache, device, samples: int = 2000, k
     images = torch.from_numpy(np.stack([np.array(cache.stack(int(i), context)) for i in idx]))
     features = embed(backbone, images, device)
     labels = torch.from_numpy(cache.labels(idx))
-    patients = cache.manifest["patient_id"].to_numpy()[idx]
+    patients = cache.groups(idx)
     _, codes = np.unique(patients, return_inverse=True)
     codes = torch.from_numpy(codes)
     same_patient = codes[:, None] == codes[None, :]

@@ -272,7 +272,7 @@ def predict_rows(model, cache, rows: np.ndarray, context: int, size: int, device
 
 def freeze_thresholds_then_test(model_path: str, cache, val_rows, val_labels, test_rows, device, batch_size: int,
                                 target_sensitivity: float, replicates: int = 2000, level: float = 0.95,
-                                seed: int = 0):
+                                seed: int = 0, min_groups: int = 10):
     """The end of a fine-tuning run, in the order that keeps the test split unseen by any choice:
     the selected model's per-class thresholds for ``target_sensitivity`` on the validation rows,
     then its one prediction of the test rows, evaluated with those thresholds and patient-bootstrap
@@ -293,7 +293,7 @@ def freeze_thresholds_then_test(model_path: str, cache, val_rows, val_labels, te
                         "thresholds": choose_thresholds(val_labels, val_probs, target_sensitivity)}
     test_probs = predict_rows(selected, cache, test_rows, info["context"], info["image_size"], device, batch_size)
     test_labels = cache.labels(test_rows)
-    patients = cache.manifest["patient_id"].to_numpy()[test_rows]
+    patients = cache.groups(test_rows)
     evaluation = evaluate_split(test_labels, test_probs, patients, operating_points["thresholds"], replicates,
-                                level, seed)
+                                level, seed, cache.group_unit, min_groups)
     return operating_points, evaluation, test_labels, test_probs

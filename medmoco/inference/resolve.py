@@ -52,9 +52,13 @@ def preprocess_like_model(info: dict, input_path: str, out_dir: str, workers: in
 
 
 def write_submission(image_ids, probs, path: str) -> str:
-    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]."""
+    """Kaggle format: ``ID,Label``, six rows per image (``ID_<image>_<subtype>``), probabilities in [0, 1]
+    with nine significant digits (enough to keep every float32 probability distinct; six decimals
+    turned the 1e-6 probabilities of a fine-tuned model into ties)."""
     import numpy as np
 
     from dicom_preprocess.labels import write_long_format
+    from medmoco.predictions import SUBMISSION_FORMAT
 
-    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path, "%.6f")
+    return write_long_format(image_ids, np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0), path,
+                             SUBMISSION_FORMAT)

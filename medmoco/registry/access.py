@@ -37,7 +37,7 @@ from typing import Iterator
 from dicom_preprocess.config import ConfigError
 
 from .names import (POLICY_EXPERIMENT, PROTECTED_EXPERIMENTS, RELEASES_EXPERIMENT, REVIEW_EXPERIMENT,
-                    TRAINING_EXPERIMENTS, candidates_name, current_user, released_name)  # noqa: F401
+                    TRAINING_EXPERIMENTS, candidates_name, released_name)
 
 
 class PermissionRefused(ConfigError):

@@ -19,7 +19,7 @@ import tempfile
 
 from dicom_preprocess.config import ConfigError
 
-from .access import PermissionRefused, explain_denied, is_permission_denied  # noqa: F401
+from .access import explain_denied, is_permission_denied
 from .names import REVIEW_EXPERIMENT, candidates_name, released_name
 
 RELEASE_ADVICE = "ask a release manager"
@@ -118,7 +118,7 @@ def _predictions_on_the_same_dicoms(paths: dict, input_path: str, labels_csv: st
     probs = {side: np.stack([per_side[side][2][per_side[side][1][i]] for i in common]) for side in per_side}
     chosen = np.array([rows[positions[i]] for i in common])
     labels = table.loc[common, list(SUBTYPES)].to_numpy(np.float32)
-    return cache, chosen, labels, probs, cache.manifest["patient_id"].to_numpy()[chosen]
+    return cache, chosen, labels, probs, cache.groups(chosen)
 
 
 def compare_versions(name: str, candidate: str, reference: str, out: str, cache_dir: str | None = None,
@@ -197,7 +197,7 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
             _, _, _, ref_probs = _predict_cache_split(paths["reference"], cache, split, device)
             probs = {"candidate": cand_probs, "reference": ref_probs}
             labels = cache.labels(rows)
-            patients = cache.manifest["patient_id"].to_numpy()[rows]
+            patients = cache.groups(rows)
             source = {"cache": os.path.abspath(cache_dir), "cache_fingerprint": cache.fingerprint,
                       "split_fingerprint": cache.metadata.get("split_fingerprints", {}).get(split, "")}
         comparison = compare_predictions(labels, probs["candidate"], probs["reference"], patients, replicates, level,

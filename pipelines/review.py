@@ -34,6 +34,9 @@ def add_review_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicates", type=int, default=2000)
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-patients", dest="min_patients", type=int, default=None,
+                        help="fewest positive and negative patients a class needs for an interval (default 10; "
+                             "below it the interval is withheld)")
     parser.add_argument("--force", action="store_true", help="promote even if not non-inferior (needs --reason)")
     parser.add_argument("--reason", default="")
     parser.add_argument("--device", default="cpu")
@@ -48,7 +51,7 @@ def run_review(args: argparse.Namespace) -> int:
             raise ConfigError("--compare needs --out DIR")
         comparison = compare_versions(args.name, args.compare, args.against, args.out, args.cache, args.split,
                                       args.input, args.labels, args.cases, args.replicates, args.level, args.seed,
-                                      args.device, args.tracking_uri)
+                                      args.device, args.tracking_uri, min_groups=args.min_patients)
         print(markdown(comparison))
         print(f"-> {args.out} (comparison.json, comparison.md, predictions_*.csv, cases/); MLflow run "
               f"{comparison['run_id']} in {REVIEW_EXPERIMENT}")
@@ -56,7 +59,7 @@ def run_review(args: argparse.Namespace) -> int:
         try:
             result = promote(args.name, args.promote, args.alias, args.cache, args.split, args.margin, args.force,
                              args.reason, args.out, args.tracking_uri, args.cases, args.replicates, args.level,
-                             args.seed, args.device)
+                             args.seed, args.device, min_groups=args.min_patients)
         except PromotionRefused as err:
             table, _, reason = str(err).rpartition("\n")
             print(table)

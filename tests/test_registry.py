@@ -32,6 +32,7 @@ CANDIDATES = "rsna-ich-moco-candidates"  # `medmoco register` writes candidates;
 def _finetune_run(cache, run_dir, uri, seed=0, epochs=1, mode="scratch"):
     data = finetune_settings(cache, str(run_dir), "unused", mode=mode, epochs=epochs, seed=seed)
     data["tracking"] = {"uri": uri, "experiment": "test-registry"}
+    data["bootstrap"] = {"min_groups": 2}  # a 3-patient test split: the card's intervals are what these tests read
     return training(0, load_config(FinetuneConfig, None, data))
 
 

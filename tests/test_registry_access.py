@@ -132,7 +132,8 @@ def test_a_hostile_lab_member_meets_a_refusal_at_every_door(server, cls_cache, t
     # rm1 releases candidate 1, then candidate 2 after a comparison on the cache
     _cli(monkeypatch, capsys, outputs, "rm1", "review", "--name", NAME, "--promote", str(first), "--tracking-uri", uri)
     done = _cli(monkeypatch, capsys, outputs, "rm1", "review", "--name", NAME, "--promote", str(second), "--cache",
-                cls_cache, "--cases", "0", "--replicates", "200", "--out", str(tmp_path / "p2"), "--tracking-uri", uri)
+                cls_cache, "--cases", "0", "--replicates", "200", "--min-patients", "2", "--out", str(tmp_path / "p2"),
+                "--tracking-uri", uri)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "history verified (2 releases" in done.stdout
     champion = client.get_model_version_by_alias(NAME, "champion")

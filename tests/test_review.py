@@ -42,7 +42,7 @@ def test_compare_scores_both_models_on_the_same_images(registry, easy_cache, tmp
 
     uri, v = registry["uri"], registry["versions"]
     out = tmp_path / "cmp"
-    comparison = compare_versions(NAME, str(v["learned"]), str(v["chance"]), str(out), easy_cache, "test", cases=2,
+    comparison = compare_versions(NAME, str(v["learned"]), str(v["chance"]), str(out), easy_cache, "test", cases=2, min_groups=2,
                                   replicates=300, tracking_uri=uri)
     saved = json.load(open(out / "comparison.json"))
     assert saved["candidate"] == {"version": v["learned"], "registered_model": CANDIDATES,
@@ -96,7 +96,7 @@ def test_promotion_needs_non_inferiority_and_records_what_it_rested_on(registry,
     from pipelines.review import release_history
 
     uri, v = registry["uri"], registry["versions"]
-    common = dict(cache_dir=easy_cache, tracking_uri=uri, cases=0, replicates=300)
+    common = dict(cache_dir=easy_cache, tracking_uri=uri, cases=0, replicates=300, min_groups=2)
     first = promote(NAME, str(v["chance"]), "champion", out=str(tmp_path / "p1"), **common)
     assert first["comparison"] is None and "first holder" in first["message"]
     granted = promote(NAME, str(v["learned"]), "champion", out=str(tmp_path / "p2"), **common)
@@ -116,6 +116,7 @@ def test_promotion_needs_non_inferiority_and_records_what_it_rested_on(registry,
         promote(NAME, str(v["chance"]), "champion", out=str(tmp_path / "p3"), **common)
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(champion.version)
     code = main(["review", "--name", NAME, "--promote", str(v["chance"]), "--cache", easy_cache, "--cases", "0",
+                 "--min-patients", "2",
                  "--replicates", "300", "--out", str(tmp_path / "p4"), "--tracking-uri", uri])
     captured = capsys.readouterr()
     assert code == 2 and "is not promoted to champion" in captured.err and "Traceback" not in captured.err
@@ -153,7 +154,7 @@ def test_a_cache_that_cannot_serve_a_model_is_refused_naming_both_settings(regis
 def test_compare_on_raw_dicoms_runs_each_models_own_preprocessing(registry, easy_archive, tmp_path):
     uri, v = registry["uri"], registry["versions"]
     out = tmp_path / "raw"
-    comparison = compare_versions(NAME, str(v["learned"]), str(v["chance"]), str(out), input_path=easy_archive.images_dir,
+    comparison = compare_versions(NAME, str(v["learned"]), str(v["chance"]), str(out), input_path=easy_archive.images_dir, min_groups=2,
                                   labels_csv=easy_archive.labels_csv, cases=0, replicates=200, tracking_uri=uri)
     assert comparison["split"] == "input" and comparison["n_images"] == len(easy_archive.slices)
     assert comparison["mean"]["delta"] > 0.2

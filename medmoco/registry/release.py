@@ -108,7 +108,7 @@ def _read_record(client, run_id: str, work: str) -> tuple[dict, str]:
 def promote(name: str, version: str, alias: str = "champion", cache_dir: str | None = None, split: str = "test",
             margin: float | None = None, force: bool = False, reason: str = "", out: str | None = None,
             tracking_uri: str = "", cases: int = 8, replicates: int = 2000, level: float = 0.95, seed: int = 0,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", min_groups: int | None = None) -> dict:
     """Release candidate ``version`` as ``<name>@alias`` when it is non-inferior to the holder.
 
     Args:
@@ -164,7 +164,7 @@ def promote(name: str, version: str, alias: str = "champion", cache_dir: str | N
     try:
         return _release(client, uri, name, target, current, alias, cache_dir, split, margin, policy, force,
                         forced_why, reason, out, work, dict(cases=cases, replicates=replicates, level=level,
-                                                            seed=seed, device=device))
+                                                            seed=seed, device=device, min_groups=min_groups))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -271,6 +271,7 @@ def _record(client, work, released, copy, target, current, alias, digests, compa
             "files_sha256": digests, "evidence": evidence,
             "replaced_version": str(current.version) if current is not None else None,
             "split_fingerprint": (comparison or {}).get("split_fingerprint"),
+            "split": (comparison or {}).get("split"), "method": (comparison or {}).get("method"),
             "delta_auc_mean": comparison["mean"]["delta"] if comparison else None,
             "delta_ci": comparison["mean"]["delta_ci"] if comparison else None,
             "margin": margin, "policy_margin": policy.margin, "policy_source": policy.source,

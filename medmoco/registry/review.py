@@ -125,7 +125,7 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
                      split: str = "test", input_path: str | None = None, labels_csv: str | None = None,
                      cases: int = 8, replicates: int = 2000, level: float = 0.95, seed: int = 0,
                      device: str = "cpu", tracking_uri: str = "", margin: float | None = None,
-                     fetched: dict | None = None, log: bool = True) -> dict:
+                     fetched: dict | None = None, log: bool = True, min_groups: int | None = None) -> dict:
     """Score two registered versions on the same images and write the comparison to ``out``.
 
     Args:
@@ -133,6 +133,8 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
             promotion passes them, so that the bytes it compares are the bytes it releases);
             default: fetched here.
         log: log the comparison as a run of ``medmoco-review`` (a promotion logs it in its release run).
+        min_groups: the fewest positive and negative patients (units) a class needs for an interval
+            (default 10, :mod:`medmoco.intervals`); below it the class's interval is withheld.
 
     Raises:
         ConfigError: unknown versions, a cache that cannot serve both models (naming both
@@ -201,7 +203,7 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
             source = {"cache": os.path.abspath(cache_dir), "cache_fingerprint": cache.fingerprint,
                       "split_fingerprint": cache.metadata.get("split_fingerprints", {}).get(split, "")}
         comparison = compare_predictions(labels, probs["candidate"], probs["reference"], patients, replicates, level,
-                                         seed)
+                                         seed, **({} if min_groups is None else {"min_groups": min_groups}))
         comparison.update({
             side: {"version": int(v.version), "registered_model": v.name, "model_uri": f"models:/{v.name}/{v.version}"}
             for side, v in versions.items()})

@@ -106,6 +106,8 @@ COMMANDS = [
      covered("tests/test_registry.py::test_against_a_real_mlflow_server_and_models_serve")),
     ("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d @payload.json",
      covered("tests/test_registry.py::test_against_a_real_mlflow_server_and_models_serve")),
+    ("medmoco review --name rsna-ich-moco --plan --cache CACHE --margin 0.005",
+     covered("tests/test_review.py::test_promotion_decides_on_the_release_split_counts_decisions_and_plans_the_margin")),
     ("cat > basic_auth.ini <<'INI'", covered("tests/test_registry_access.py::server")),
     ("export MLFLOW_AUTH_CONFIG_PATH=basic_auth.ini MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=...",
      covered("tests/test_registry_access.py::server")),

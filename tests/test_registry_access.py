@@ -88,7 +88,8 @@ def _artifact_path(source: str) -> str:
     return source.split("mlflow-artifacts:", 1)[1].lstrip("/")
 
 
-def test_a_hostile_lab_member_meets_a_refusal_at_every_door(server, cls_cache, tmp_path, monkeypatch, capsys):
+def test_a_hostile_lab_member_meets_a_refusal_at_every_door(server, cls_cache, easy_cache, tmp_path, monkeypatch,
+                                                             capsys):
     from mlflow.server import get_app_client
 
     uri, outputs = server.uri, []
@@ -131,8 +132,9 @@ def test_a_hostile_lab_member_meets_a_refusal_at_every_door(server, cls_cache, t
 
     # rm1 releases candidate 1, then candidate 2 after a comparison on the cache
     _cli(monkeypatch, capsys, outputs, "rm1", "review", "--name", NAME, "--promote", str(first), "--tracking-uri", uri)
+    # compared on the easy cache (5 test patients; the same 32 px windows): equal models, non-inferior
     done = _cli(monkeypatch, capsys, outputs, "rm1", "review", "--name", NAME, "--promote", str(second), "--cache",
-                cls_cache, "--cases", "0", "--replicates", "200", "--min-patients", "2", "--out", str(tmp_path / "p2"),
+                easy_cache, "--cases", "0", "--replicates", "200", "--min-patients", "2", "--out", str(tmp_path / "p2"),
                 "--tracking-uri", uri)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "history verified (2 releases" in done.stdout

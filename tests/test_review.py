@@ -120,7 +120,7 @@ def test_promotion_needs_non_inferiority_and_records_what_it_rested_on(registry,
                  "--replicates", "300", "--out", str(tmp_path / "p4"), "--tracking-uri", uri])
     captured = capsys.readouterr()
     assert code == 2 and "is not promoted to champion" in captured.err and "Traceback" not in captured.err
-    assert "| **mean** |" in captured.out  # the table the refusal rests on
+    assert "| **mean** (" in captured.out  # the table the refusal rests on
     forced = promote(NAME, str(v["chance"]), "champion", force=True, reason="reader study on site B",
                      out=str(tmp_path / "p5"), **common)
     assert "FORCED" in forced["message"]
@@ -166,3 +166,43 @@ def test_the_list_shows_intervals_and_marks_other_test_splits_not_comparable(reg
     for row in rows.values():
         assert "[" in row["test AUC mean [95% CI]"] and row["comparable"] == "yes"
     assert np.all([r["test split"] != "?" for r in rows.values()])
+
+
+def test_promotion_decides_on_the_release_split_counts_decisions_and_plans_the_margin(registry, easy_cache, tmp_path,
+                                                                                       capsys):
+    """A cache with a `release` split: the promotion compares there (not on `test`), the decision is
+    counted against that split's fingerprint, and `--plan` simulates the margin on it."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+
+    uri, v = registry["uri"], registry["versions"]
+    cache = str(tmp_path / "cache")
+    shutil.copytree(easy_cache, cache)
+    assert main(["split", "--cache", cache, "--fractions",
+                 "unsupervised=0.1,train=0.4,val=0.15,test=0.15,release=0.2"]) == 0
+    name = "release-split-check"
+    for version in (v["chance"], v["learned"]):  # the same candidates, registered under another name
+        src = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(CANDIDATES, str(version))
+        register(src.tags["source_run"], name, "", uri)
+    common = dict(cache_dir=cache, tracking_uri=uri, cases=0, replicates=200, min_groups=2)
+    promote(name, "1", "champion", out=str(tmp_path / "p1"), **common)
+    released = promote(name, "2", "champion", out=str(tmp_path / "p2"), **common)
+    assert released["comparison"]["split"] == "release"
+    fingerprint = open_cache(cache).metadata["split_fingerprints"]["release"]
+    assert released["comparison"]["split_fingerprint"] == fingerprint
+    capsys.readouterr()
+    assert main(["review", "--name", name, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"release {fingerprint[:8]}: 1 (1 released, 0 refused)" in out and "history verified (2 releases" in out
+    assert main(["review", "--name", name, "--plan", "--cache", cache, "--margin", "0.05", "--min-patients", "2",
+                 "--tracking-uri", uri]) == 0
+    plan = capsys.readouterr()
+    assert "margin plan on release" in plan.out and "passes at margin 0.05 in" in plan.out
+    assert "WARNING" not in plan.err
+    # without a release split the promotion decides on test, and says so
+    promote(name, "1", "champion", out=str(tmp_path / "p3"), force=True, reason="check", **{**common,
+                                                                                          "cache_dir": easy_cache})
+    assert "has no `release` split, so this promotion decides on `test`" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from dicom_preprocess.config import ConfigError
@@ -36,12 +37,13 @@ from .access import PermissionRefused, explain_denied, is_permission_denied
 from .integrity import DOWNLOAD_ONLY, FILES_TAG, fetch_version, sha256_file, sha256_json
 from .names import RELEASES_EXPERIMENT, candidates_name, current_user, released_name
 from .policy import DEFAULT_MARGIN, read_policy  # noqa: F401  (DEFAULT_MARGIN: the stage shows it)
-from .review import _label, compare_versions, resolve_version
+from .review import _label, compare_versions, decision_split, resolve_version
 
 RECORD_FILE = "promotion.json"
 RECORD_TAG = "medmoco.record_sha256"  # on the released version: the digest of its promotion record
 RELEASE_RUN_TAG = "medmoco.release_run"
-EVIDENCE = ("comparison.json", "predictions_candidate.csv", "predictions_reference.csv")
+EVIDENCE = ("comparison.json", "predictions_candidate.csv", "predictions_reference.csv",
+            "predictions_candidate.parquet", "predictions_reference.parquet")
 # Tags of a candidate that describe its comparisons, not the model: not carried into a release.
 _NOT_CARRIED = ("last_comparison_run", "released_as", FILES_TAG)
 
@@ -105,13 +107,15 @@ def _read_record(client, run_id: str, work: str) -> tuple[dict, str]:
     return json.loads(data), sha256_file(path)
 
 
-def promote(name: str, version: str, alias: str = "champion", cache_dir: str | None = None, split: str = "test",
+def promote(name: str, version: str, alias: str = "champion", cache_dir: str | None = None, split: str | None = None,
             margin: float | None = None, force: bool = False, reason: str = "", out: str | None = None,
             tracking_uri: str = "", cases: int = 8, replicates: int = 2000, level: float = 0.95, seed: int = 0,
             device: str = "cpu", min_groups: int | None = None) -> dict:
     """Release candidate ``version`` as ``<name>@alias`` when it is non-inferior to the holder.
 
     Args:
+        split: the cache split the comparison decides on; None: ``release`` when the cache has one,
+            else ``test`` with a warning (:func:`.review.decision_split`).
         margin: None takes the policy's margin; another value makes the promotion forced (it needs
             ``force`` and ``reason``, and is recorded as such).
 
@@ -159,7 +163,16 @@ def promote(name: str, version: str, alias: str = "champion", cache_dir: str | N
                 "comparison": None, "released_version": int(current.version), "release_run": None}
     if current is not None and not cache_dir:
         raise ConfigError(f"--promote needs --cache DIR: candidate {target.version} is compared with {alias} "
-                          f"({_label(current)}) on its {split} split before it is released")
+                          f"({_label(current)}) on its release (else test) split before it is released")
+    if current is not None:
+        from dicom_preprocess import open_cache
+
+        try:
+            split, warning = decision_split(open_cache(cache_dir), split)
+        except FileNotFoundError as err:
+            raise ConfigError(f"cache: {err}") from None
+        if warning:
+            print(warning, file=sys.stderr)
     work = tempfile.mkdtemp(prefix="medmoco-release-")
     try:
         return _release(client, uri, name, target, current, alias, cache_dir, split, margin, policy, force,
@@ -192,6 +205,7 @@ def _release(client, uri, name, target, current, alias, cache_dir, split, margin
             decision = comparison["decision"]
             client.log_artifacts(run_id, out, "comparison")
             client.set_tag(run_id, "medmoco.split_fingerprint", comparison.get("split_fingerprint", ""))
+            client.set_tag(run_id, "medmoco.split", comparison.get("split", ""))
             if not comparison["non_inferior"] and not force:
                 client.set_tag(run_id, "medmoco.decision", "refused")
                 client.set_terminated(run_id, "FINISHED")
@@ -362,6 +376,30 @@ def _check_release(client, version, record: dict, digest: str, label: str, run_i
     return problems
 
 
+def decisions_by_split(name: str, tracking_uri: str = "") -> dict:
+    """How many promotion decisions (released or refused after a comparison) each split has made,
+    by split fingerprint: ``{fingerprint: {"split", "released", "refused"}}``. Every decision read on a
+    split spends it a little: a lab that has decided many releases on one test split should say so."""
+    from medmoco.tracking import client as mlflow_client
+
+    client = mlflow_client(tracking_uri)
+    found = client.get_experiment_by_name(RELEASES_EXPERIMENT)
+    if found is None:
+        return {}
+    runs = client.search_runs([found.experiment_id], f"tags.`medmoco.registered_model` = '{released_name(name)}'",
+                              max_results=10000)
+    out: dict = {}
+    for run in runs:
+        tags = run.data.tags
+        fingerprint = tags.get("medmoco.split_fingerprint")
+        decision = tags.get("medmoco.decision")
+        if not fingerprint or decision not in ("released", "refused"):
+            continue  # a first holder (no comparison) decides on no split
+        entry = out.setdefault(fingerprint, {"split": tags.get("medmoco.split", "?"), "released": 0, "refused": 0})
+        entry[decision] += 1
+    return out
+
+
 def release_history(name: str, tracking_uri: str = "", alias: str = "champion") -> tuple[list[dict], list[str]]:
     """The released versions (version, source candidate, promoted by, when, mean-AUC delta with its
     interval, release run) and the history's problems (:func:`verify_history`)."""
@@ -389,3 +427,48 @@ def release_history(name: str, tracking_uri: str = "", alias: str = "champion") 
                      else ("first holder" if t.get("comparison_run", "").startswith("none") else "?"),
                      "forced": t.get("force_reason", ""), "release run": t.get(RELEASE_RUN_TAG, "")[:8]})
     return rows, verify_history(name, tracking_uri)
+
+
+def plan_margin(name: str, cache_dir: str, margin: float | None = None, alias: str = "champion",
+                split: str | None = None, tracking_uri: str = "", seed: int = 0, min_groups: int | None = None,
+                n_sim: int = 100) -> dict:
+    """`medmoco review --plan`: how often a candidate as good as ``<name>@alias`` would pass the
+    non-inferiority rule at ``margin`` (the policy's when None) on the split a promotion decides on,
+    simulated from that split's patients and the reference's own predictions (:func:`medmoco.margin.margin_plan`).
+
+    Raises:
+        ConfigError: no cache, no alias holder, or a cache that cannot serve it.
+    """
+    from dicom_preprocess import open_cache
+    from medmoco.engines.supervised import predict_rows
+    from medmoco.margin import margin_plan
+    from medmoco.models import load_classifier
+    from medmoco.tracking import client as mlflow_client
+    from medmoco.tracking import resolve_tracking_uri
+
+    if not cache_dir:
+        raise ConfigError("--plan needs --cache DIR (the cache whose release, else test, split promotions decide on)")
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow_client(uri)
+    released = released_name(name)
+    try:
+        holder = client.get_model_version_by_alias(released, alias)
+    except Exception as err:
+        if is_permission_denied(err):
+            raise
+        raise ConfigError(f"--plan: {released} has no {alias!r} yet: nothing to plan against") from None
+    if margin is None:
+        margin = read_policy(client, released).margin
+    try:
+        cache = open_cache(cache_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"cache: {err}") from None
+    split, warning = decision_split(cache, split)
+    if warning:
+        print(warning, file=sys.stderr)
+    model, info = load_classifier(fetch_version(holder, uri).model_file)
+    rows = cache.indices(split, labeled=True)
+    probs = predict_rows(model, cache, rows, info["context"], info["image_size"], "cpu")
+    plan = margin_plan(probs, cache.labels(rows), cache.groups(rows), margin, n_sim=n_sim, seed=seed,
+                       **({} if min_groups is None else {"min_groups": min_groups}))
+    return {**plan, "split": split, "reference": _label(holder)}

@@ -55,6 +55,20 @@ def _label(version) -> str:
     return f"{version.name} v{version.version}"
 
 
+def decision_split(cache, split: str | None) -> tuple[str, str]:
+    """The split a promotion decides on, and a warning ('' when none): the cache's ``release``
+    split when it has one, else ``test``. A release chosen on ``test`` makes the champion's test
+    figure a selected maximum, and each decision spends the test split a little more."""
+    present = set(cache.manifest["split"])
+    if split:
+        return split, ""
+    if "release" in present:
+        return "release", ""
+    return "test", ("WARNING: the cache has no `release` split, so this promotion decides on `test` (the champion's "
+                    "test figure becomes a selected maximum); give releases their own patients with `medmoco split "
+                    "--cache DIR --fractions unsupervised=...,train=...,val=...,test=...,release=0.05`")
+
+
 def _describe(info: dict) -> str:
     pre = info["preprocess"]
     windows = ", ".join(f"{w['name']} {w['center']:g}/{w['width']:g}" for w in pre["windows"])
@@ -148,6 +162,7 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
     from medmoco.tracking import resolve_tracking_uri
 
     from medmoco.inference import write_submission
+    from medmoco.predictions import write_predictions
 
     from .integrity import fetch_version
 
@@ -212,8 +227,10 @@ def compare_versions(name: str, candidate: str, reference: str, out: str, cache_
             ok, why = non_inferior(comparison, margin)
             comparison.update({"margin": margin, "non_inferior": ok, "decision": why})
         ids = cache.manifest["image_id"].to_numpy()[rows]
-        write_submission(ids, probs["candidate"], os.path.join(out, "predictions_candidate.csv"))
-        write_submission(ids, probs["reference"], os.path.join(out, "predictions_reference.csv"))
+        for side in ("candidate", "reference"):  # Kaggle CSV, and every figure's inputs at full precision
+            write_submission(ids, probs[side], os.path.join(out, f"predictions_{side}.csv"))
+            write_predictions(os.path.join(out, f"predictions_{side}.parquet"), ids, patients,
+                              comparison["split"], labels, probs[side])
         write_cases(os.path.join(out, "cases"), model, info, cache, rows, labels, probs["candidate"],
                     probs["reference"], cases, device)
     with open(os.path.join(out, "comparison.json"), "w") as handle:

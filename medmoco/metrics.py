@@ -150,11 +150,13 @@ def _log_likelihood(y: np.ndarray, eta: np.ndarray) -> float:
 
 def _logistic_fit(y: np.ndarray, x: np.ndarray, offset: np.ndarray, iterations: int = 100,
                   tolerance: float = 1e-10) -> np.ndarray | None:
+    from scipy.special import expit
+
     beta = np.zeros(x.shape[1])
     current = _log_likelihood(y, offset)
     for _ in range(iterations):
         eta = offset + x @ beta
-        mu = 1.0 / (1.0 + np.exp(-eta))
+        mu = expit(eta)  # stable where eta is large (a collapsed model's logits): 1 / (1 + exp(-eta)) overflows
         gradient = x.T @ (y - mu)
         hessian = (x * (mu * (1 - mu))[:, None]).T @ x
         try:

@@ -34,7 +34,8 @@ def _done(start: float, what: str) -> None:
 def _with_ci(value, ci) -> str:
     from medmoco.intervals import format_estimate
 
-    return format_estimate(value, ci)
+    # a value without its interval says why (too few patients: medmoco.intervals)
+    return format_estimate(value, ci, reason="withheld" if ci is None and value is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate.evaluate(os.path.join(paths["finetune"], finetune.MODEL_FILE), paths["cache"], "test",
                                 paths["eval"])
     _done(t, f"{metrics['n_images']} slices of {metrics['n_patients']} patients: mean AUC "
-             f"{_with_ci(metrics['auc_mean'], metrics['auc_mean_ci'])} (95% CI, patient bootstrap) -> "
+             f"{_with_ci(metrics['auc_mean'], metrics['auc_mean_ci'])}"
+             + (" (95% CI, patient bootstrap)" if metrics["auc_mean_ci"] else "") + " -> "
              f"{paths['eval']}/metrics.md, metrics.json, reliability.png, predictions.csv")
 
     t = _stage(6, "register both models in the MLflow registry")

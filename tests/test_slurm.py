@@ -92,13 +92,20 @@ def _wait_for(path_pattern: str, job: str, cluster, timeout: float = 240) -> Non
     raise TimeoutError(path_pattern)
 
 
-def test_cpu_template_trains_two_ranks_and_a_requeue_resumes_into_the_same_mlflow_run(cluster, tiny_cache, tmp_path):
+def _submit_pretraining(cluster, cache: str, tmp_path, epochs: int, until_checkpoint: int):
+    """The CPU template on ``cache``, submitted from a scratch checkout; returns once the job's run
+    directory holds ``checkpoint_<until_checkpoint>.pt``: (submit dir, job id, run dir, MLflow db)."""
     submit = _submit_dir(tmp_path)
     db = tmp_path / "mlflow.db"
-    config = write_yaml(tmp_path / "pretrain.yaml", pretrain_settings(tiny_cache, "unused", str(db), epochs=6))
+    config = write_yaml(tmp_path / "pretrain.yaml", pretrain_settings(cache, "unused", str(db), epochs=epochs))
     job = cluster.sbatch("--output=%x-%j.out", "slurm/train_cpu.sbatch", env=_env(config), cwd=submit)
     run_dir = os.path.join(submit, "runs", f"medmoco-pretrain-cpu-{job}")
-    _wait_for(os.path.join(run_dir, "checkpoints", "checkpoint_2.pt"), job, cluster)
+    _wait_for(os.path.join(run_dir, "checkpoints", f"checkpoint_{until_checkpoint}.pt"), job, cluster)
+    return submit, job, run_dir, db
+
+
+def test_cpu_template_trains_two_ranks_and_a_requeue_resumes_into_the_same_mlflow_run(cluster, tiny_cache, tmp_path):
+    submit, job, run_dir, db = _submit_pretraining(cluster, tiny_cache, tmp_path, epochs=6, until_checkpoint=2)
     cluster.scontrol("requeue", job)  # as an admin or a preempting job would
     deadline = time.time() + 60
     while cluster.job(job).get("JobState") not in ("PENDING",) and time.time() < deadline:
@@ -121,12 +128,7 @@ def test_cpu_template_trains_two_ranks_and_a_requeue_resumes_into_the_same_mlflo
 
 
 def test_scancel_marks_the_mlflow_run_killed(cluster, tiny_cache, tmp_path):
-    submit = _submit_dir(tmp_path)
-    db = tmp_path / "mlflow.db"
-    config = write_yaml(tmp_path / "pretrain.yaml", pretrain_settings(tiny_cache, "unused", str(db), epochs=200))
-    job = cluster.sbatch("--output=%x-%j.out", "slurm/train_cpu.sbatch", env=_env(config), cwd=submit)
-    run_dir = os.path.join(submit, "runs", f"medmoco-pretrain-cpu-{job}")
-    _wait_for(os.path.join(run_dir, "checkpoints", "checkpoint_1.pt"), job, cluster)
+    submit, job, run_dir, db = _submit_pretraining(cluster, tiny_cache, tmp_path, epochs=200, until_checkpoint=1)
     cluster.scancel(job)
     info = cluster.wait(job)
     log = open(os.path.join(submit, f"medmoco-pretrain-cpu-{job}.out")).read()

@@ -41,13 +41,10 @@ def resolve_version(client, name: str, spec: str):
             if is_permission_denied(err):
                 raise
             raise ConfigError(f"registered model {candidates!r} has no version {spec}") from None
-    for model in (released, candidates):
-        try:
-            return client.get_model_version_by_alias(model, spec)
-        except Exception as err:
-            if is_permission_denied(err):
-                raise
-    raise ConfigError(f"neither {released!r} nor {candidates!r} has an alias {spec!r}")
+    from .integrity import get_version
+
+    return get_version(client, f"models:/{released}@{spec}")  # the released model's alias, else the candidates'
+
 
 
 def _label(version) -> str:

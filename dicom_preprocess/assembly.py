@@ -202,9 +202,12 @@ def _record_splits(metadata: dict, manifest: pd.DataFrame, fractions: dict, seed
                      "group_unit": GROUP_UNIT,
                      "split_counts": {k: int(v) for k, v in manifest["split"].value_counts().items()},
                      "split_fingerprints": split_fingerprints(manifest, SUBTYPES)})
+    # the assignment itself (each split's fingerprint), not only the settings that made it: two
+    # assignments from the same settings (another method, a fixed bug) are two caches
     identity = {"windows": metadata["windows"], "window_mode": metadata["window_mode"], "size": metadata["size"],
                 "input": metadata["input_fingerprint"], "labels": metadata["labels"], "splits": metadata["split_fractions"],
-                "split_method": metadata["split_method"], "seed": metadata["seed"]}
+                "split_method": metadata["split_method"], "seed": metadata["seed"],
+                "assignment": metadata["split_fingerprints"]}
     metadata["cache_fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

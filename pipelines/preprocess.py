@@ -88,7 +88,8 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
 
     default = ",".join(f"{k}={v}" for k, v in DEFAULT_FRACTIONS.items())
     parser.add_argument("--cache", required=True, help="a finished cache directory")
-    parser.add_argument("--fractions", default=default, help=f"patient-grouped shares (default {default})")
+    parser.add_argument("--fractions", default=None,
+                        help=f"patient-grouped shares (default: the cache's own; a new cache gets {default})")
     parser.add_argument("--seed", type=int, help="which patients go where (default: the cache's seed)")
 
 
@@ -99,10 +100,14 @@ def run_split(args: argparse.Namespace) -> int:
     from dicom_preprocess.splits import parse_fractions
 
     try:
-        fractions = parse_fractions(args.fractions)
+        own = open_cache(args.cache).metadata
+    except FileNotFoundError as err:
+        raise ConfigError(f"--cache: {err}") from None
+    try:  # the cache's own setting unless told: `medmoco split --cache DIR` alone reproduces its split
+        fractions = parse_fractions(args.fractions) if args.fractions else dict(own["split_fractions"])
     except ValueError as err:
         raise ConfigError(f"--fractions: {err}") from None
-    seed = args.seed if args.seed is not None else int(open_cache(args.cache).metadata.get("seed", 0))
+    seed = args.seed if args.seed is not None else int(own.get("seed", 0))
     meta = resplit_cache(args.cache, fractions, seed)
     counts = ", ".join(f"{name} {meta['split_counts'].get(name, 0)}" for name in fractions)
     print(f"split {args.cache} by patient, stratified on the subtypes (seed {seed}): {counts} images; "

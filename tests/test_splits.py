@@ -158,3 +158,41 @@ def test_a_release_split_is_accepted_and_stratified_like_the_others():
     assert "release" in set(splits[has])  # 25 x 0.05 >= 1: the rare class is there too
     with pytest.raises(ValueError, match="unknown split"):
         parse_fractions("train=0.5,holdout=0.5")
+
+
+def test_split_with_no_options_reproduces_the_cache_and_the_fingerprint_follows_the_assignment(tmp_path, capsys):
+    """`medmoco split --cache DIR` alone keeps the cache's own fractions and seed and gives back the
+    split preprocessing wrote (the fractions' order once swapped val and test); another seed moves
+    patients, and the cache fingerprint moves with the assignment."""
+    import copy
+
+    from dicom_preprocess import open_cache
+    from dicom_preprocess.assembly import _record_splits
+    from dicom_preprocess.config import PreprocessConfig
+    from dicom_preprocess.job import run_preprocess
+    from dicom_preprocess.synthetic import synthesize
+    from pipelines.cli import main
+
+    archive = synthesize(str(tmp_path / "synth"), patients=60, seed=1, slices_per_series=(3, 4), rows=64)
+    out = str(tmp_path / "cache")
+    run_preprocess(PreprocessConfig(input=archive.images_dir, labels=archive.labels_csv, out=out, size=32, workers=1),
+                   progress=False)
+    written = open_cache(out)
+    assert set(written.manifest["split"]) >= {"val", "test"}
+    assert main(["split", "--cache", out]) == 0
+    again = open_cache(out)
+    assert again.manifest["split"].tolist() == written.manifest["split"].tolist()
+    assert again.fingerprint == written.fingerprint and again.metadata["split_fractions"] == \
+        written.metadata["split_fractions"]
+    assert main(["split", "--cache", out, "--seed", "5"]) == 0
+    moved = open_cache(out)
+    assert moved.manifest["split"].tolist() != written.manifest["split"].tolist()
+    assert moved.fingerprint != written.fingerprint
+    # the same settings, another assignment (two patients swapped by hand): another fingerprint
+    manifest = written.manifest.copy()
+    first_val = manifest.index[manifest["split"] == "val"][0]
+    first_test = manifest.index[manifest["split"] == "test"][0]
+    manifest.loc[[first_val, first_test], "split"] = ["test", "val"]
+    metadata = copy.deepcopy(written.metadata)
+    _record_splits(metadata, manifest, metadata["split_fractions"], metadata["seed"])
+    assert metadata["cache_fingerprint"] != written.fingerprint

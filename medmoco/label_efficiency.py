@@ -85,7 +85,8 @@ def patient_seed_bootstrap(trials: list[dict], reference: str = "scratch", repli
     for t in trials:
         probs = np.asarray(t["probs"], dtype=np.float64)
         point = per_class_auc(labels, probs)
-        reps = np.stack([boot.auc(labels[:, j], probs[:, j]) for j in classes])  # (C, B)
+        # (C, B); no class with both labels on this split: nothing to resample (n/a, not a crash)
+        reps = np.stack([boot.auc(labels[:, j], probs[:, j]) for j in classes]) if classes else None
         by_key[(t["mode"], t["label_fraction"], t["trial"])] = (
             float(np.mean([point[SUBTYPES[j]] for j in classes])) if classes else np.nan,
             np.where(np.isfinite(reps).all(axis=0), reps.mean(axis=0), np.nan) if classes

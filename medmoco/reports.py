@@ -99,13 +99,18 @@ def label_efficiency_figure(table, path: str, differences=None) -> str:
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
     for mode, part in table.groupby("mode"):
-        part = part.sort_values("label_fraction")
-        ax.errorbar(part["label_fraction"], part["auc_mean_mean"], yerr=part["auc_mean_std"].fillna(0),
-                    marker="o", capsize=3, label=mode)
-    ax.set_xscale("log")
+        part = part[part["auc_mean_mean"].notna()].sort_values("label_fraction")  # n/a: nothing to draw
+        if len(part):
+            ax.errorbar(part["label_fraction"], part["auc_mean_mean"], yerr=part["auc_mean_std"].fillna(0),
+                        marker="o", capsize=3, label=mode)
+    if not table["auc_mean_mean"].notna().any():
+        ax.text(0.5, 0.5, "no defined test AUC (a split without positives)", ha="center", transform=ax.transAxes)
+    else:
+        ax.set_xscale("log")  # (matplotlib refuses a log axis with no data on it)
     ax.set_xlabel("label fraction")
     ax.set_ylabel("test mean AUC (6 subtypes), mean ± std over trials")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(True, alpha=0.3)
     if panels == 2:
         ax = axes[0][1]

@@ -55,13 +55,9 @@ def trial_configs(exp):
 
 
 def run_experiment(exp, tracking_uri: str = "") -> dict:
-    """Every trial of ``exp`` (a :class:`medmoco.config.ExperimentConfig`), then the tables and plot."""
-    from dicom_preprocess import SUBTYPES
-    from dicom_preprocess.files import atomic_write_json
-    from medmoco.label_efficiency import markdown, summarise
-    from medmoco.reports import label_efficiency_figure
+    """Every trial of ``exp`` (a :class:`medmoco.config.ExperimentConfig`), then the tables and plot.
+    The parent MLflow run ends FINISHED (FAILED when a trial raised), also when no AUC is defined."""
     from medmoco.tracking import create_tracker
-    from pipelines.finetune import training
 
     if tracking_uri:
         exp.tracking.uri = tracking_uri
@@ -73,6 +69,50 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
                             retry_s=exp.tracking.retry_s)
     parent.log_params({"modes": exp.modes, "label_fractions": exp.label_fractions, "trials": exp.trials,
                        "cache": exp.cache, "pretrained": exp.pretrained})
+    for line in split_warnings(exp.cache):
+        print(line, flush=True)
+    try:
+        result = _trials_and_tables(exp, trials, parent)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish("FINISHED")
+    return result
+
+
+def split_warnings(cache_dir: str) -> list[str]:
+    """Before hours of trials: which classes the val and test splits cannot score (no positive or
+    no negative patient), so that n/a in the table comes as no surprise."""
+    from dicom_preprocess import SUBTYPES, open_cache
+
+    cache = open_cache(cache_dir)
+    out = []
+    for split in ("val", "test"):
+        rows = cache.indices(split, labeled=True)
+        if not len(rows):
+            continue
+        labels, groups = cache.labels(rows), cache.groups(rows)
+        missing = []
+        for k, name in enumerate(SUBTYPES):
+            positive = set(groups[labels[:, k] > 0.5])
+            negative = set(groups[labels[:, k] <= 0.5])
+            if not positive or not negative:
+                missing.append(name)
+        if missing:
+            out.append(f"WARNING: cache {cache_dir}: the {split} split has no positive or no negative patient for "
+                       f"{', '.join(missing)}: their AUCs will be n/a (a larger archive, or `medmoco split "
+                       "--fractions` with larger val/test shares)")
+    return out
+
+
+def _trials_and_tables(exp, trials, parent) -> dict:
+    """The trials not done yet, then the tables and the figure, logged to the parent run."""
+    from dicom_preprocess import SUBTYPES
+    from dicom_preprocess.files import atomic_write_json
+    from medmoco.label_efficiency import markdown, summarise
+    from medmoco.reports import label_efficiency_figure
+    from pipelines.finetune import training
+
     results = []
     for i, (name, mode, fraction, trial, config) in enumerate(trials, 1):
         done = os.path.join(config.run_dir, "result.json")
@@ -102,14 +142,17 @@ def run_experiment(exp, tracking_uri: str = "") -> dict:
         differences.to_csv(os.path.join(exp.run_dir, "differences.csv"), index=False)
     with open(os.path.join(exp.run_dir, "table.md"), "w") as handle:
         handle.write(markdown(table, differences))
-    label_efficiency_figure(table, os.path.join(exp.run_dir, "label_efficiency.png"), differences)
+    try:
+        label_efficiency_figure(table, os.path.join(exp.run_dir, "label_efficiency.png"), differences)
+    except ValueError as err:  # a figure is not worth the tables: they are written, the run finishes
+        log.warning("label_efficiency.png not drawn: %s", err)
     for file in ("table.csv", "differences.csv", "table.md", "label_efficiency.png"):
         if os.path.exists(os.path.join(exp.run_dir, file)):
             parent.log_artifact(os.path.join(exp.run_dir, file))
     for _, row in table.iterrows():
-        parent.log_metrics({f"{row['mode']}_test_auc_mean": row["auc_mean_mean"]},
-                           int(round(row["label_fraction"] * 1000)))
-    parent.finish("FINISHED")
+        if row["auc_mean_mean"] == row["auc_mean_mean"]:  # NaN: no defined AUC in any trial
+            parent.log_metrics({f"{row['mode']}_test_auc_mean": row["auc_mean_mean"]},
+                               int(round(row["label_fraction"] * 1000)))
     return {"table": table, "differences": differences, "run_id": parent.run_id, "dir": exp.run_dir}
 
 

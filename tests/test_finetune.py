@@ -474,3 +474,30 @@ def test_a_test_split_without_positives_finishes_with_exit_0_and_n_a(cls_cache, 
     assert saved["counts_by_split"]["val"]["any"]["positive_groups"] >= 1  # the reader sees every split's counts
     assert set(saved["subgroups"]) == {"manufacturer", "slice_thickness"}
     assert "n/a" in open(tmp_path / "eval" / "metrics.md").read()
+
+
+def test_an_experiment_on_splits_without_positives_warns_and_finishes(cls_cache, tmp_path, capsys):
+    """The README's small archive can leave val/test without positives: the experiment says so
+    before the trials, writes n/a, draws no broken figure and ends its parent run FINISHED."""
+    import shutil
+
+    from medmoco.config import ExperimentConfig
+    from medmoco.config import load_config as load
+    from pipelines.experiment import run_experiment
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cls_cache, cache)
+    manifest = pd.read_parquet(cache / "manifest.parquet")
+    manifest.loc[manifest["split"] == "test", list(SUBTYPES)] = 0
+    manifest.to_parquet(cache / "manifest.parquet", index=False)
+    db = tmp_path / "exp.db"
+    base = finetune_settings(str(cache), "x", str(db), epochs=1)
+    base.pop("cache"), base.pop("run_dir"), base.pop("tracking")
+    exp = load(ExperimentConfig, None, {"cache": str(cache), "run_dir": str(tmp_path / "e"), "modes": ["scratch"],
+                                         "label_fractions": [1.0], "trials": 1, "finetune": base,
+                                         "tracking": {"uri": f"sqlite:///{db}", "experiment": "exp"}})
+    result = run_experiment(exp)
+    out = capsys.readouterr().out
+    assert "the test split has no positive or no negative patient for epidural, intraparenchymal" in out
+    assert result["table"]["auc_mean_mean"].isna().all() and "n/a" in open(tmp_path / "e" / "table.md").read()
+    assert _client(db).get_run(result["run_id"]).info.status == "FINISHED"

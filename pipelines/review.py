@@ -12,8 +12,8 @@ import argparse
 from dicom_preprocess.config import ConfigError
 
 from medmoco.registry.names import MODEL_NAME, REVIEW_EXPERIMENT, candidates_name, released_name
-from medmoco.registry.release import (DEFAULT_MARGIN, PromotionRefused, decisions_by_split, promote,  # noqa: F401
-                                     release_history)
+from medmoco.registry.history import decisions_by_split, release_history  # noqa: F401
+from medmoco.registry.release import DEFAULT_MARGIN, PromotionRefused, promote  # noqa: F401
 from medmoco.registry.review import compare_versions, format_table, versions_table  # noqa: F401
 
 

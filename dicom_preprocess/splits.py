@@ -225,9 +225,10 @@ def assign_splits(manifest: pd.DataFrame, fractions: Mapping[str, float], seed: 
     """``manifest`` with its ``split`` (grouped by patient, else study; stratified on the subtypes,
     :func:`patient_splits`) and ``in_label_subset``
     (``label_fraction`` of the labeled train split, stratified on ``any``) columns set."""
-    # One order whatever the caller's dict: the assignment depended on it, so `medmoco split` with the
-    # cache's own settings (read back from metadata.json in sorted order) swapped val and test.
-    fractions = check_fractions(fractions)
+    # One order whatever the caller's dict, since the assignment depends on it: sorted by name, the
+    # order preprocessing has always used (its settings come back from the job record's JSON with
+    # sorted keys). `medmoco split` passed them in SPLITS order and swapped val and test.
+    fractions = dict(sorted(check_fractions(fractions).items()))
     manifest = manifest.copy()
     group = pd.Series(group_ids(manifest), index=manifest.index)
     if len(manifest):

@@ -230,7 +230,10 @@ def series_order(manifest: pd.DataFrame) -> pd.DataFrame:
     """Add slice_index, series_length, prev_index, next_index (neighbours clamp at series ends).
 
     Slices are ordered by ImagePositionPatient[2] within (study, series); RSNA has no
-    InstanceNumber, and gantry tilt makes z the convention rather than exact geometry.
+    InstanceNumber. Within a series of one orientation whose slices step along the table, z and
+    the position along the slice normal rise together whatever the gantry tilt (below 90 degrees):
+    ``tests/test_real_series.py`` checks that on 12 real RSNA series tilted up to 22 degrees.
+    Slices sharing a position are kept, next to each other, in image id order.
     """
     frame = manifest.reset_index(drop=True)
     order = frame.sort_values(["study_uid", "series_uid", "z", "image_id"], kind="mergesort").index.to_numpy()

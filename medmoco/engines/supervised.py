@@ -262,10 +262,16 @@ def predict_rows(model, cache, rows: np.ndarray, context: int, size: int, device
                  amp: str = "none") -> np.ndarray:
     """Sigmoid probabilities (len(rows), 6) of cache rows, computed over all ranks and gathered.
 
-    Every rank must call it (it all-gathers).
+    Every rank must call it (it all-gathers). A series model (``is_series``) predicts each series
+    of ``rows`` whole, in slice order (:func:`medmoco.engines.series.predict_series_rows`; every
+    rank computes all of it, there is nothing to gather).
     """
     if len(rows) == 0:
         return np.zeros((0, 6), dtype=np.float32)
+    if getattr(getattr(model, "module", model), "is_series", False):
+        from .series import predict_series_rows
+
+        return predict_series_rows(model, cache, rows, device, batch_size)[0]
     evaluator = create_evaluator(model, size, device, amp)
     return evaluator.run(eval_loader(cache, rows, context, batch_size)).probs
 

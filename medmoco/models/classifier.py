@@ -10,6 +10,12 @@ File format (``torch.save`` of plain containers, loads with ``weights_only=True`
 ``operating_points`` (optional; files of earlier versions have none) are the per-class thresholds
 chosen on the validation split before the test split was read; `medmoco evaluate` applies them.
 
+A series model (``medmoco series``) is the same file with ``"format": "medmoco-series/1"``, the
+encoder's keys as above (its ``state_dict`` is the slice classifier it embeds with), and
+``"series": {hidden, layers, dropout, flip_tta, features, training, ...}`` with the head's
+``head_state_dict``; :func:`load_classifier` returns a
+:class:`~medmoco.models.series.SeriesClassifier` for it, so every loader handles both.
+
 ``preprocess`` is the cache's recorded preprocessing, so raw DICOMs can be prepared exactly as the
 training data were (``medmoco predict`` and the registered MLflow model).
 """
@@ -26,6 +32,7 @@ from .backbones import create_backbone, feature_size
 from .export import load_backbone_state, read_weights
 
 FORMAT = "medmoco-classifier/1"
+SERIES_FORMAT = "medmoco-series/1"
 PREPROCESS_KEYS = ("windows", "window_mode", "size", "pad_value_hu", "resize", "cache_fingerprint", "channels",
                    "modalities")
 
@@ -92,24 +99,62 @@ def set_operating_points(path: str, operating_points: dict) -> str:
     return path
 
 
-def load_classifier(path_or_payload: str | dict) -> tuple[Classifier, dict]:
-    """(model in eval mode, the file's payload without the state dict). Safe: weights_only=True.
+def save_series_model(model: nn.Module, path: str, encoder_info: dict, series: dict, meta: dict | None = None,
+                      operating_points: dict | None = None) -> str:
+    """Write a :class:`~medmoco.models.series.SeriesClassifier` as ``medmoco-series/1`` (atomically).
+
+    Args:
+        encoder_info: the slice classifier's file payload without its state dict (arch, context, ...).
+        series: the head's settings (``hidden``, ``layers``, ``dropout``, ``flip_tta``, ``features``,
+            ``training`` and whatever else describes it).
+    """
+    model = getattr(model, "module", model)
+    payload = {k: v for k, v in encoder_info.items() if k not in ("state_dict", "head_state_dict", "series",
+                                                                    "operating_points", "meta")}
+    payload.update({"format": SERIES_FORMAT, "meta": dict(meta or {}), "series": dict(series),
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()},
+                    "head_state_dict": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}})
+    if operating_points:
+        payload["operating_points"] = operating_points
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as handle:
+        torch.save(payload, handle)
+    return path
+
+
+def load_classifier(path_or_payload: str | dict) -> tuple[nn.Module, dict]:
+    """(model in eval mode, the file's payload without the state dicts). Safe: weights_only=True.
+
+    The one loader of a model file: a slice classifier (``medmoco-classifier/1``) or a series
+    model (``medmoco-series/1``, a :class:`~medmoco.models.series.SeriesClassifier`).
 
     Raises:
         ValueError: when the file is not a medmoco classifier or its weights do not fit.
     """
     payload = read_weights(path_or_payload) if isinstance(path_or_payload, str) else path_or_payload
-    if payload.get("format") != FORMAT:
+    if payload.get("format") not in (FORMAT, SERIES_FORMAT):
         raise ValueError(f"{path_or_payload if isinstance(path_or_payload, str) else 'payload'}: not a "
-                         f"{FORMAT} file (format {payload.get('format')!r})")
+                         f"{FORMAT} or {SERIES_FORMAT} file (format {payload.get('format')!r})")
     model = Classifier(payload["arch"], payload["in_channels"], len(payload["classes"]))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"classifier weights do not fit {payload['arch']}: {str(err)[:300]}") from None
+    if payload["format"] == SERIES_FORMAT:
+        from .series import SeriesClassifier, build_series_head
+
+        settings = payload["series"]
+        head = build_series_head(int(settings["features"]), settings)
+        try:
+            head.load_state_dict(payload["head_state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"series head weights do not fit its settings {settings}: {str(err)[:300]}") from None
+        model = SeriesClassifier(model, head, bool(settings.get("flip_tta", False)), payload["context"],
+                                 payload["image_size"])
     model.eval()
-    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    info = {k: v for k, v in payload.items() if k not in ("state_dict", "head_state_dict")}
     return model, info
 
 
-__all__ = ["Classifier", "build_classifier", "save_classifier", "load_classifier", "feature_size", "FORMAT"]
+__all__ = ["Classifier", "build_classifier", "save_classifier", "save_series_model", "load_classifier",
+           "feature_size", "FORMAT", "SERIES_FORMAT"]

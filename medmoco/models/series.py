@@ -80,9 +80,11 @@ class SeriesClassifier(nn.Module):
 
     is_series = True
 
-    def __init__(self, encoder: nn.Module, head: SeriesHead, flip_tta: bool = False):
+    def __init__(self, encoder: nn.Module, head: SeriesHead, flip_tta: bool = False, context: int = 0,
+                 image_size: int = 0):
         super().__init__()
         self.encoder, self.head, self.flip_tta = encoder, head, bool(flip_tta)
+        self.context, self.image_size = int(context), int(image_size)  # the encoder's input (2.5D, px)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, F) slice embeddings (with the flip average when ``flip_tta``)."""

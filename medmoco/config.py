@@ -219,6 +219,7 @@ class FinetuneConfig(RuntimeConfig):
     arch: str = ""  # "" -> the pretrained file's arch, else resnet50
     label_fraction: float = 0.2  # of the labeled train split, stratified on `any`
     subset_seed: int = 0  # which slices form the fraction (fixed across trials)
+    label_unit: str = "slice"  # slice | series: draw the fraction over slices or over whole series
     extra_labels: str = ""  # RSNA long-format CSV of newly labeled slices (e.g. from `medmoco select`)
     train_split: str = "train"
     val_split: str = "val"  # every choice (epoch, early stop, thresholds) is made here
@@ -245,6 +246,8 @@ class FinetuneConfig(RuntimeConfig):
             raise ConfigError(f"pretrained: required for mode {self.mode!r} (a `medmoco pretrain` export or runs:/ID)")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size {self.eval_batch_size}: must be >= 1")
+        if self.label_unit not in ("slice", "series"):
+            raise ConfigError(f"label_unit {self.label_unit!r}: use slice or series")
         if len({self.train_split, self.val_split, self.test_split}) != 3:
             raise ConfigError(f"train_split, val_split, test_split: must be three different splits "
                               f"({self.train_split}, {self.val_split}, {self.test_split})")
@@ -256,6 +259,56 @@ class FinetuneConfig(RuntimeConfig):
             raise ConfigError(f"class_weights {self.class_weights}: need six values (epidural .. any)")
         if self.pos_weight and len(self.pos_weight) != 6:
             raise ConfigError(f"pos_weight {self.pos_weight}: need six values or []")
+
+
+@dataclass
+class SeriesConfig:
+    """`medmoco series`: the series head (:mod:`medmoco.models.series`) over a slice classifier's embeddings.
+
+    ``encoder`` is a slice classifier (a `medmoco finetune` model.pt, ``runs:/ID`` or ``models:/``);
+    its backbone embeds each slice (in its own input: size, 2.5D context). The labeled fraction is
+    drawn by series. Frozen training (default) caches the embeddings once; ``end_to_end`` trains the
+    backbone too, one series per step.
+    """
+
+    cache: str = ""
+    encoder: str = ""
+    run_dir: str = "runs/series"
+    label_fraction: float = 1.0  # of the labeled train split's series, stratified on the series' `any`
+    subset_seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    epochs: int = 30
+    batch_series: int = 8  # series per step (frozen training; end to end uses 1)
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    hidden: int = 64
+    layers: int = 1
+    dropout: float = 0.1
+    exam_weight: float = 1.0  # weight of the exam-level BCE beside the slice BCE
+    class_weights: list = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    flip_tta: bool = False  # embed each slice and its mirror image, averaged
+    end_to_end: bool = False
+    embeddings_dir: str = ""  # "" -> RUN_DIR/embeddings; share one across trials on one encoder
+    target_sensitivity: float = 0.9
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    device: str = ""
+    seed: int = 0
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-series"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"label_fraction {self.label_fraction}: must be in (0, 1]")
+        for name in ("epochs", "batch_series", "hidden", "layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout {self.dropout}: must be in [0, 1)")
+        if len(self.class_weights) != 6:
+            raise ConfigError(f"class_weights {self.class_weights}: need six values (epidural .. any)")
+        if len({self.train_split, self.val_split, self.test_split}) != 3:
+            raise ConfigError(f"train_split, val_split, test_split: must be three different splits")
 
 
 @dataclass

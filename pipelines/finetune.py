@@ -145,7 +145,8 @@ def training(local_rank: int, config, resume: str = "") -> dict:
         if rank == 0:
             log.info("extra labels %s: %s", config.extra_labels, report.summary())
     rows, labels, added, missing = train_indices(cache, config.train_split, config.label_fraction, config.subset_seed,
-                                                 extra, exclude_splits=(config.val_split, config.test_split))
+                                                 extra, exclude_splits=(config.val_split, config.test_split),
+                                                 unit=config.label_unit)
     if missing and rank == 0:
         log.warning("%d extra-label images are not in the cache (e.g. %s)", len(missing), missing[:3])
     loader = get_dataflow(config, cache, rows, labels, config.context, size)

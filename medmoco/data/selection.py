@@ -5,12 +5,15 @@ import numpy as np
 
 
 def train_indices(cache, split: str, label_fraction: float, subset_seed: int, extra=None,
-                  exclude_splits: tuple = ()):
+                  exclude_splits: tuple = (), unit: str = "slice"):
     """(rows, labels) used for training: ``label_fraction`` of the labeled ``split`` (stratified on
     ``any``, seeded by ``subset_seed``, so every mode and trial of a fraction sees the same
     slices) plus the slices of ``extra`` (labels from that frame, indexed by image id).
 
     Args:
+        unit: ``slice`` draws the fraction over slices; ``series`` over whole series (every
+            slice of a drawn series, :func:`medmoco.data.series.series_label_subset`), which a
+            series head needs and which pairs a slice head with it on the same labels.
         extra: a frame indexed by image id with the six subtype columns, or None.
         exclude_splits: extra slices of these splits are never added (no training on evaluation data).
 
@@ -25,9 +28,15 @@ def train_indices(cache, split: str, label_fraction: float, subset_seed: int, ex
     rows = cache.indices(split, labeled=True)
     if len(rows) == 0:
         raise ValueError(f"cache {cache.root}: split {split!r} has no labeled images")
-    any_col = cache.manifest["any"].iloc[rows].reset_index(drop=True)
-    keep = label_subset(any_col, label_fraction, subset_seed)
-    rows = rows[keep]
+    if unit == "series":
+        from .series import series_label_subset
+
+        rows = series_label_subset(cache, rows, label_fraction, subset_seed)
+    elif unit == "slice":
+        any_col = cache.manifest["any"].iloc[rows].reset_index(drop=True)
+        rows = rows[label_subset(any_col, label_fraction, subset_seed)]
+    else:
+        raise ValueError(f"label unit {unit!r}: use slice or series")
     labels = cache.labels(rows)
     added, missing = 0, []
     if extra is not None and len(extra):

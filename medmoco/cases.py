@@ -3,7 +3,8 @@ false positives and false negatives, one PNG montage per class and kind.
 
 Each tile is the slice in the brain window with the candidate's Grad-CAM for the class as an
 overlay (MONAI ``monai.visualize.GradCAM`` on the backbone's last convolutional block,
-``backbone.layer4``), and the image id and both probabilities written on it. Tiles carry image ids
+``backbone.layer4``; for a series model, the slice's own logit through the series head, on the
+encoder's block, with its whole series as input: :func:`gradcam_in_series`), and the image id and both probabilities written on it. Tiles carry image ids
 only: no patient id or DICOM tag value is drawn or stored (``cases.json`` lists the same ids and
 probabilities).
 """
@@ -43,6 +44,27 @@ def gradcam(model: torch.nn.Module, images: torch.Tensor, class_index: int) -> n
     cam = GradCAM(nn_module=model, target_layers=TARGET_LAYER)
     maps = cam(x=images, class_idx=class_index)
     return maps.detach().cpu().numpy()[:, 0]
+
+
+class _OneSliceOfSeries(torch.nn.Module):
+    """A series model seen as one slice's logits: input the series (S, C, H, W), output (1, 6)."""
+
+    def __init__(self, model: torch.nn.Module, position: int):
+        super().__init__()
+        self.model, self.position = model, int(position)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.position : self.position + 1]
+
+
+def gradcam_in_series(model: torch.nn.Module, series: torch.Tensor, position: int, class_index: int) -> np.ndarray:
+    """Grad-CAM (H, W) of one slice of a series model: the gradient of that slice's logit (which
+    reads its neighbours through the GRU) on its own image's activations."""
+    from monai.visualize import GradCAM
+
+    model.eval()
+    cam = GradCAM(nn_module=_OneSliceOfSeries(model, position), target_layers="model.encoder." + TARGET_LAYER)
+    return cam(x=series, class_idx=class_index).detach().cpu().numpy()[position, 0]
 
 
 def _montage(tiles: list[dict], path: str, title: str) -> None:
@@ -95,10 +117,13 @@ def write_cases(out_dir: str, model: torch.nn.Module, info: dict, cache, rows: n
         for kind in KINDS:
             positions = chosen[name][kind]
             tiles = []
-            if positions:
+            if positions and getattr(model, "is_series", False):
+                maps = [_series_cam(model, info, cache, int(rows[p]), j, device) for p in positions]
+            elif positions:
                 stacks = np.stack([np.asarray(cache.stack(int(rows[p]), info["context"])) for p in positions])
                 x = prepare_images(torch.from_numpy(stacks), info["image_size"]).to(device)
                 maps = gradcam(model, x, j)
+            if positions:
                 for p, cam in zip(positions, maps):
                     tiles.append({"image": np.asarray(cache[int(rows[p])])[brain], "cam": cam,
                                   "image_id": str(ids[rows[p]]), "candidate": float(candidate[p, j]),
@@ -111,3 +136,16 @@ def write_cases(out_dir: str, model: torch.nn.Module, info: dict, cache, rows: n
     with open(os.path.join(out_dir, "cases.json"), "w") as handle:
         json.dump(listing, handle, indent=1)
     return paths
+
+
+def _series_cam(model, info: dict, cache, row: int, class_index: int, device) -> np.ndarray:
+    from .data.series import series_members
+    from .transforms.supervised import prepare_images
+
+    frame = cache.manifest
+    same = np.flatnonzero((frame["study_uid"].to_numpy() == frame["study_uid"].iloc[row])
+                          & (frame["series_uid"].to_numpy() == frame["series_uid"].iloc[row]))
+    members = series_members(cache, same)[0][0]
+    stacks = np.stack([np.asarray(cache.stack(int(i), info["context"])) for i in members])
+    x = prepare_images(torch.from_numpy(stacks), info["image_size"]).to(device)
+    return gradcam_in_series(model, x, int(np.flatnonzero(members == row)[0]), class_index)

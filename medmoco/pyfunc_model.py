@@ -10,6 +10,11 @@ Input, one row per image, either
 A frame with none of the three columns is refused with an error that names them.
 Output: a DataFrame with the six subtype probabilities per row (epidural .. any).
 
+A series model (a series head over the slices' embeddings) reads each slice in its series: the
+rows of one call are grouped by study and SeriesInstanceUID (``dicom``/``path`` rows; ``tensor``
+rows are taken as one series in the given order), each series is ordered along its slices and
+predicted whole, and the probabilities come back in input order.
+
 The registered signature declares the outputs only. With an input schema of three optional
 columns, MLflow turns a list of paths into a frame with a column ``0``, drops it as unknown with a
 warning, and the model received no rows: an empty prediction instead of an error. The inputs are
@@ -84,6 +89,8 @@ class MedmocoClassifier(PythonModel):
         from dicom_preprocess import SUBTYPES
 
         frame = as_frame(model_input)
+        if self.predictor.is_series:
+            return pd.DataFrame(self._predict_series(frame), columns=list(SUBTYPES))
         probs = np.zeros((len(frame), len(SUBTYPES)), dtype=np.float32)
         for i, row in enumerate(frame.to_dict("records")):
             if not _missing(row.get("tensor")):
@@ -96,6 +103,22 @@ class MedmocoClassifier(PythonModel):
             else:
                 raise ValueError(f"row {i}: give one of the columns {', '.join(COLUMNS)}")
         return pd.DataFrame(probs, columns=list(SUBTYPES))
+
+    def _predict_series(self, frame: pd.DataFrame) -> np.ndarray:
+        rows = frame.to_dict("records")
+        if all(not _missing(row.get("tensor")) for row in rows):
+            images = np.stack([np.load(io.BytesIO(_as_bytes(row["tensor"])), allow_pickle=False) for row in rows])
+            return self.predictor.predict_series_tensors(images)[0]
+        items = []
+        for i, row in enumerate(rows):
+            if not _missing(row.get("dicom")):
+                items.append(_as_bytes(row["dicom"]))
+            elif not _missing(row.get("path")):
+                items.append(str(row["path"]))
+            else:
+                raise ValueError(f"row {i}: a series model takes DICOM rows (dicom or path) of whole series, "
+                                 "or tensor rows of one series in order; not a mix")
+        return self.predictor.predict_series_dicoms(items)
 
 
 def _missing(value) -> bool:

@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, experiment, finetune, preprocess, pretrain, register, registry, review
+    from . import evaluate, experiment, finetune, preprocess, pretrain, register, registry, review, series
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
          preprocess.run_split),
         ("pretrain", "MoCo pretraining on the cache (torchrun/srun for DDP)", pretrain.add_arguments, pretrain.run),
         ("finetune", "six-subtype classifier: finetune | linear | scratch", finetune.add_arguments, finetune.run),
+        ("series", "series head (GRU over a series' slice embeddings) on a slice classifier",
+         series.add_arguments, series.run),
         ("evaluate", "metrics.json + predictions.csv of a model on a cache split", evaluate.add_evaluate_arguments,
          evaluate.run_evaluate),
         ("predict", "raw DICOMs -> Kaggle submission CSV", evaluate.add_predict_arguments, evaluate.run_predict),

@@ -89,10 +89,36 @@ def evaluate(model: str, cache_dir: str, split: str, out: str, device: str = "cp
     from medmoco.subgroups import add_reader_tables
 
     add_reader_tables(evaluation, cache, rows[labeled], probs[labeled], min_groups)
+    evaluation["exam"] = exam_evaluation(path, cache, rows[labeled], probs[labeled], info, device, replicates,
+                                         level, seed, min_groups)
     write_evaluation(out, cache.labels(rows[labeled]), probs[labeled], evaluation, about,
                      {"image_ids": ids[labeled], "groups": patients,
                       "split": cache.manifest["split"].to_numpy()[rows[labeled]]})  # per slice: `all` spans splits
+    from medmoco.evaluation import markdown_table
+
+    with open(os.path.join(out, "metrics.md"), "a") as handle:
+        handle.write(f"\n## Exam level (a series is positive when any of its slices is; "
+                     f"{evaluation['exam']['exam_output']})\n\n" + markdown_table(evaluation["exam"]))
     return {**evaluation, **about}
+
+
+def exam_evaluation(model_path: str, cache, rows, probs, info: dict, device: str = "cpu", replicates: int = 2000,
+                    level: float = 0.95, seed: int = 0, min_groups: int = 10) -> dict:
+    """Exam-level figures of labeled ``rows`` (whole series): per class a series is positive when any
+    of its slices is; its probability is a series model's exam output, else the highest slice
+    probability; the model's exam thresholds where it has them; the patient bootstrap."""
+    from medmoco.engines.series import exam_predictions
+    from medmoco.evaluation import evaluate_split
+    from medmoco.models import load_classifier
+
+    model = load_classifier(model_path)[0].to(device) if info.get("series") else None
+    exam_y, exam_p, groups, _, _ = exam_predictions(model, cache, rows, probs, device)
+    thresholds = (info.get("operating_points") or {}).get("exam_thresholds")
+    exam = evaluate_split(exam_y, exam_p, groups, thresholds, replicates, level, seed, cache.group_unit, min_groups)
+    exam["n_series"] = int(len(exam_y))
+    exam["exam_output"] = ("the series head's exam output" if info.get("series")
+                           else "a slice model: the highest slice probability of the series")
+    return exam
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -116,13 +142,15 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
     parser.add_argument("--input", required=True, help="DICOM folder, .zip or .tar(.gz)")
     parser.add_argument("--out", required=True, help="submission CSV")
+    parser.add_argument("--series-out", dest="series_out", default="",
+                        help="CSV with one row per series: series_uid, n_slices, the six exam-level probabilities")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
 
 
 def predict(model: str, input_path: str, out: str, workers: int = 1, device: str = "cpu",
-            tracking_uri: str = "") -> dict:
+            tracking_uri: str = "", series_out: str = "") -> dict:
     from medmoco.models.export import read_weights
 
     path = resolve_model(model, tracking_uri)
@@ -143,17 +171,41 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
             errors.to_csv(skipped_csv, index=False)
             raise NothingCached(f"input {input_path}: none of its {len(errors)} files is a usable image; the reasons "
                                 f"are in {skipped_csv}") from None
-        ids, probs, _, cache, _ = predict_cache(path, os.path.join(work, "cache"), None, device)
+        ids, probs, rows, cache, _ = predict_cache(path, os.path.join(work, "cache"), None, device)
         skipped = cache.errors()
+        n_series = write_series_predictions(path, cache, rows, probs, series_out, device) if series_out else None
     write_submission(ids, probs, out)
     if len(skipped):
         skipped.to_csv(skipped_csv, index=False)
-    return {"images": len(ids), "skipped": len(skipped), "out": out}
+    return {"images": len(ids), "skipped": len(skipped), "out": out, "series": n_series, "series_out": series_out}
+
+
+def write_series_predictions(model_path: str, cache, rows, probs, path: str, device: str = "cpu") -> int:
+    """One row per series (grouped by SeriesInstanceUID, slices in order): ``series_uid``,
+    ``study_uid``, ``n_slices`` and the six exam-level probabilities (a series model's exam output,
+    else the highest slice probability of the series). Returns the number of series."""
+    import pandas as pd
+
+    from dicom_preprocess import SUBTYPES
+    from medmoco.engines.series import exam_predictions
+    from medmoco.models import load_classifier
+
+    model, info = load_classifier(model_path)
+    _, exam_p, _, keys, n_slices = exam_predictions(model.to(device) if info.get("series") else None, cache, rows,
+                                                    probs, device)
+    study, _, series = zip(*(str(k).partition("/") for k in keys)) if len(keys) else ((), (), ())
+    frame = pd.DataFrame({"series_uid": series, "study_uid": study, "n_slices": n_slices})
+    for j, c in enumerate(SUBTYPES):
+        frame[c] = exam_p[:, j].astype(float)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.9g")
+    return len(frame)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    result = predict(args.model, args.input, args.out, args.workers, args.device, args.tracking_uri)
-    print(f"predicted {result['images']} images ({result['skipped']} skipped) -> {result['out']}")
+    result = predict(args.model, args.input, args.out, args.workers, args.device, args.tracking_uri, args.series_out)
+    print(f"predicted {result['images']} images ({result['skipped']} skipped) -> {result['out']}"
+          + (f"; {result['series']} series -> {result['series_out']}" if args.series_out else ""))
     return 0
 
 

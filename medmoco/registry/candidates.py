@@ -56,8 +56,11 @@ def model_card(run, info: dict, evaluation: dict) -> str:
     pre = info["preprocess"]
     windows = ", ".join(f"{w['name']} {w['center']:g}/{w['width']:g}" for w in pre["windows"])
     points = info.get("operating_points") or {}
-    return f"""# RSNA intracranial hemorrhage classifier ({info['mode']}, {info['arch']})
-
+    series = info.get("series")
+    head = _series_section(series, evaluation) if series else ""
+    unit = "series" if series else "slices"
+    return f"""# RSNA intracranial hemorrhage classifier ({info['mode']}, {info['arch']}{', series head' if series else ''})
+{head}
 **Intended use: research only. Not a medical device; not for clinical decisions.**
 
 ## Task
@@ -67,7 +70,7 @@ Multi-label classification of one head-CT slice into six outputs: {', '.join(SUB
 ## Data and selection
 - Cache fingerprint `{pre.get('cache_fingerprint', '')}`: windows {windows} ({pre.get('window_mode', 'linear')}),
   {pre['size']} px, splits by {tags.get('split_method', 'patients (method not recorded)')}; trained on the `{p.get('train_split', 'train')}` split at label
-  fraction {p.get('label_fraction')} ({p.get('n_train')} slices, {p.get('extra_labels_added', 0)} extra labels).
+  fraction {p.get('label_fraction')} of its {unit} ({p.get('n_train')} slices, {p.get('extra_labels_added', 0)} extra labels).
 - Epoch {p.get('selected_epoch', info['meta'].get('epoch'))} of {p.get('epochs')} chosen on `{p.get('val_split', 'val')}`
   ({p.get('n_val')} slices) by mean AUC; thresholds for sensitivity {points.get('target_sensitivity', 'n/a')} fixed there
   too. `{p.get('test_split', 'test')}` ({p.get('n_test')} slices, fingerprint
@@ -86,6 +89,25 @@ with one row per image and a column `dicom` (bytes; base64 over REST), `path` (D
 `tensor` (uint8 C x H x W `.npy` bytes); anything else is refused with the accepted columns named.
 The recorded preprocessing is applied to DICOM input; the output is the six probabilities (apply
 the thresholds above for yes/no calls). Source commit `{source_commit()[:12]}`.
+"""
+
+
+def _series_section(series: dict, evaluation: dict) -> str:
+    """The model card's head section: what the series head is, what it reads, its exam-level figures."""
+    from medmoco.evaluation import markdown_table
+
+    exam = evaluation.get("exam")
+    return f"""
+## Head: series model
+A bidirectional GRU ({series.get('layers', 1)} layer, {series.get('hidden')} units per direction) over the
+per-slice embeddings ({series.get('features')} features of the slice classifier's backbone, mode
+`{series.get('encoder_mode')}`{', each averaged with its mirror image' if series.get('flip_tta') else ''}) of a whole
+series in slice order; trained on {series.get('training')}. **Input: whole series** (all slices
+of a SeriesInstanceUID; they are grouped and ordered by position). Outputs per slice the six
+probabilities and per series an exam-level probability per class ({series.get('exam_output')}).
+
+### Exam-level test figures (a series is positive for a class when any of its slices is; {exam.get('n_series') if exam else 'n/a'} series)
+{markdown_table(exam) if exam else 'not recorded'}
 """
 
 

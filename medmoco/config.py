@@ -326,6 +326,10 @@ class ExperimentConfig:
     label_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.2, 1.0])
     trials: int = 5  # mean ± std over 5 trials, as the NYU MoCo CT project reported
     finetune: dict = field(default_factory=dict)
+    # a series head (`medmoco series`) on each trial's slice model of these modes, same fraction and
+    # seed; [] = none. Pairs cleanly only with finetune.label_unit: series (the same labeled series).
+    series_modes: list = field(default_factory=list)
+    series: dict = field(default_factory=dict)  # SeriesConfig keys every series trial shares
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="medmoco-label-efficiency"))
 
     def __post_init__(self) -> None:
@@ -338,3 +342,7 @@ class ExperimentConfig:
         if self.trials < 1:
             raise ConfigError(f"trials {self.trials}: must be >= 1")
         from_mapping(FinetuneConfig, {**self.finetune, "mode": "scratch"}, "finetune")  # every key checked now
+        for mode in self.series_modes:
+            if mode not in self.modes:
+                raise ConfigError(f"series_modes: {mode!r} is not one of the experiment's modes {self.modes}")
+        from_mapping(SeriesConfig, self.series, "series")

@@ -110,12 +110,15 @@ def patient_seed_bootstrap(trials: list[dict], reference: str = "scratch", repli
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame, differences: pd.DataFrame | None = None) -> str:
-    """Both tables as Markdown (mean ± std over trials; paired differences with their interval)."""
-    head = "| mode | fraction | " + " | ".join(c[4:] for c in AUC_COLUMNS) + " | trials |"
-    lines = [head, "|" + "---|" * (len(AUC_COLUMNS) + 3)]
+def markdown(table: pd.DataFrame | None, differences: pd.DataFrame | None = None) -> str:
+    """Both tables as Markdown (mean ± std over trials; paired differences with their interval,
+    against their ``reference`` mode, with a ``level`` column where they have one)."""
+    lines = []
     undefined = False
-    for _, row in table.iterrows():
+    if table is not None:
+        lines = ["| mode | fraction | " + " | ".join(c[4:] for c in AUC_COLUMNS) + " | trials |",
+                 "|" + "---|" * (len(AUC_COLUMNS) + 3)]
+    for _, row in (table.iterrows() if table is not None else ()):
         cells = []
         for c in AUC_COLUMNS:
             mean, sd = row[c + "_mean"], row[c + "_std"]
@@ -127,11 +130,14 @@ def markdown(table: pd.DataFrame, differences: pd.DataFrame | None = None) -> st
                       "undefined; the mean AUC averages the classes that have both."]
     if differences is not None and len(differences):
         method = differences["interval"].iloc[0] if "interval" in differences else "paired trials"
-        lines += ["", f"| mode − scratch | fraction | Δ test mean AUC | 95% CI ({method}) | pairs |",
-                  "|---|---|---|---|---|"]
-        for _, row in differences.sort_values(["mode", "label_fraction"]).iterrows():
+        has_level = "level" in differences
+        lines += ["", f"| mode − reference | fraction | {'level | ' if has_level else ''}Δ test mean AUC | "
+                      f"95% CI ({method}) | pairs |", "|---|---|" + ("---|" if has_level else "") + "---|---|---|"]
+        order = ["mode", "label_fraction"] + (["level"] if has_level else [])
+        for _, row in differences.sort_values(order).iterrows():
             low, high = (format_estimate(row[k], None, signed=True) for k in ("delta_ci_low", "delta_ci_high"))
             ci = "n/a" if "n/a" in (low, high) else f"[{low}, {high}]"
-            lines.append(f"| {row['mode']} | {row['label_fraction']:g} | "
-                         f"{format_estimate(row['delta_auc_mean'], None, signed=True)} | {ci} | {row['pairs']} |")
+            lines.append(f"| {row['mode']} − {row.get('reference', 'scratch')} | {row['label_fraction']:g} | "
+                         + (f"{row['level']} | " if has_level else "")
+                         + f"{format_estimate(row['delta_auc_mean'], None, signed=True)} | {ci} | {row['pairs']} |")
     return "\n".join(lines) + "\n"

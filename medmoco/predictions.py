@@ -44,3 +44,34 @@ def read_predictions(path: str) -> dict:
             "split": frame["split"].to_numpy(),
             "labels": frame[[f"label_{c}" for c in SUBTYPES]].to_numpy(np.float64),
             "probs": frame[[f"prob_{c}" for c in SUBTYPES]].to_numpy(np.float64)}
+
+
+EXAM_FILE = "exam_predictions.parquet"
+
+
+def write_exam_predictions(path: str, series, groups, n_slices, split, labels: np.ndarray, probs: np.ndarray) -> str:
+    """One row per series: ``series`` (study/series key), ``group``, ``n_slices``, ``split``, the
+    six exam labels (a series is positive when any of its slices is) and the six exam probabilities."""
+    import os
+
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1, len(SUBTYPES))
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(SUBTYPES))
+    frame = pd.DataFrame({"series": np.asarray(series, dtype=str), "group": np.asarray(groups, dtype=str),
+                          "n_slices": np.asarray(n_slices, dtype=np.int64),
+                          "split": np.broadcast_to(np.asarray(split, dtype=object), (len(labels),))})
+    for j, name in enumerate(SUBTYPES):
+        frame[f"label_{name}"] = labels[:, j]
+    for j, name in enumerate(SUBTYPES):
+        frame[f"prob_{name}"] = probs[:, j]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def read_exam_predictions(path: str) -> dict:
+    """``{"series", "group", "n_slices", "labels" (S, 6), "probs" (S, 6)}`` of a :func:`write_exam_predictions` file."""
+    frame = pd.read_parquet(path)
+    return {"series": frame["series"].to_numpy(), "group": frame["group"].to_numpy(),
+            "n_slices": frame["n_slices"].to_numpy(),
+            "labels": frame[[f"label_{c}" for c in SUBTYPES]].to_numpy(np.float64),
+            "probs": frame[[f"prob_{c}" for c in SUBTYPES]].to_numpy(np.float64)}

@@ -104,7 +104,8 @@ def training(config) -> dict:
     n_series = len(np.unique(cache.manifest.iloc[train_rows]["series_uid"])) if len(train_rows) else 0
     tracker.log_params({**flatten(to_dict(config)), "n_train": len(train_rows), "n_train_series": n_series,
                         "n_val": len(val_rows), "n_test": len(test_rows), "encoder_file": encoder_path,
-                        "mode": info["mode"], "head": "series", "image_size_used": info["image_size"]})
+                        "mode": info["mode"], "head": "series", "arch": info["arch"],
+                        "image_size_used": info["image_size"]})
     train_features = val_features = None
     if not config.end_to_end:
         where = config.embeddings_dir or os.path.join(config.run_dir, "embeddings")
@@ -126,7 +127,7 @@ def training(config) -> dict:
                         "thresholds": thresholds, "exam_thresholds": exam_thresholds}
     model_path = os.path.join(config.run_dir, MODEL_FILE)
     save_series_model(model, model_path, info, settings, operating_points=operating_points,
-                      meta={"epoch": selected["epoch"], "val_auc_mean": selected["score"],
+                      meta={"epoch": selected["epoch"], "val_score": selected["score"],
                             "finetune_run_id": tracker.run_id or "", "pretrain_run_id": pretrain_run,
                             "label_fraction": config.label_fraction, "label_unit": "series",
                             "cache": os.path.abspath(config.cache), "selected_on": config.val_split})
@@ -157,10 +158,8 @@ def training(config) -> dict:
 
 def _write_report(config, tracker, model_path, cache, rows, labels, probs, evaluation, epoch, operating_points,
                   exams) -> None:
-    import pandas as pd
-
-    from dicom_preprocess import SUBTYPES
     from medmoco.evaluation import markdown_table
+    from medmoco.predictions import EXAM_FILE, write_exam_predictions
     from medmoco.reports import write_evaluation
     from medmoco.subgroups import add_reader_tables
 
@@ -172,13 +171,7 @@ def _write_report(config, tracker, model_path, cache, rows, labels, probs, evalu
                      {"split": config.test_split, "selected_epoch": epoch, "selected_on": config.val_split,
                       "operating_points": operating_points, "head": "series"}, slices)
     keys, groups, n_slices, exam_y, exam_p = exams
-    frame = pd.DataFrame({"series": keys.astype(str), "group": groups.astype(str), "n_slices": n_slices,
-                          "split": config.test_split})
-    for j, c in enumerate(SUBTYPES):
-        frame[f"label_{c}"] = exam_y[:, j].astype(float)
-    for j, c in enumerate(SUBTYPES):
-        frame[f"prob_{c}"] = exam_p[:, j].astype(float)
-    frame.to_parquet(os.path.join(out, "exam_predictions.parquet"), index=False)
+    write_exam_predictions(os.path.join(out, EXAM_FILE), keys, groups, n_slices, config.test_split, exam_y, exam_p)
     with open(os.path.join(out, "metrics.md"), "a") as handle:
         handle.write("\n## Exam level (a series is positive when any of its slices is)\n\n"
                      + markdown_table(evaluation["exam"]))

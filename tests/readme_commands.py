@@ -75,6 +75,10 @@ COMMANDS = [
     ("medmoco finetune --config ... --mode scratch --pretrained demo-run/pretrain/backbone.pt --run-dir runs/ft-scratch",
      run(f"medmoco finetune --config configs/finetune/cpu_demo.yaml --mode scratch --pretrained "
          f"runs/pretrain-cpu/backbone.pt --run-dir runs/ft-scratch {SHORT_FINETUNE}")),
+    ("medmoco series --config configs/series/cpu_demo.yaml --encoder runs/ft-moco/model.pt --cache demo-run/cache "
+     "--run-dir runs/series",
+     run("medmoco series --config configs/series/cpu_demo.yaml --encoder runs/ft-moco/model.pt --cache demo-run/cache "
+         "--run-dir runs/series --set epochs=2 --set bootstrap.replicates=50")),
     ("medmoco evaluate --model runs/ft-moco/model.pt --cache demo-run/cache --split test --out eval/",
      run("medmoco evaluate --model runs/ft-moco/model.pt --cache demo-run/cache --split test --out eval/ "
          "--replicates 50")),
@@ -82,6 +86,9 @@ COMMANDS = [
     ("medmoco predict --model models:/rsna-ich-moco@candidate --input DICOM_DIR_OR_ZIP --out submission.csv",
      run("medmoco predict --model models:/rsna-ich-moco@candidate --input data/synth-zip/rsna-intracranial-hemorrhage-detection.zip "
          "--out submission.csv")),
+    ("medmoco predict --model runs/series/model.pt --input DICOM_DIR_OR_ZIP --out slices.csv --series-out series.csv",
+     run("medmoco predict --model runs/series/model.pt --input data/synth-zip/rsna-intracranial-hemorrhage-detection.zip "
+         "--out slices.csv --series-out series.csv")),
     ("medmoco select --model runs:/<finetune run id> --cache demo-run/cache --n 12800 --strategy uncertainty "
      "--by-series --out ids.csv",
      run("medmoco select --model runs:/$FINETUNE_RUN --cache demo-run/cache --n 12800 --strategy uncertainty "

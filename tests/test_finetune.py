@@ -377,23 +377,35 @@ def test_label_efficiency_experiment_writes_table_plot_and_child_runs(cls_cache,
     base = finetune_settings(cls_cache, "x", str(db), epochs=1)
     base.pop("cache"), base.pop("run_dir"), base.pop("tracking")
     base.pop("arch")  # scratch must take the pretrained backbone's network, not FinetuneConfig's default
+    base["label_unit"] = "series"  # the slice heads get the series heads' labeled series
     exp = load(ExperimentConfig, None, {"cache": cls_cache, "pretrained": backbone_file, "run_dir": str(tmp_path / "e"),
                                          "label_fractions": [0.5], "trials": 2, "finetune": base,
+                                         "series_modes": ["finetune"],
+                                         "series": {"epochs": 2, "hidden": 8, "bootstrap": {"replicates": 50}},
                                          "tracking": {"uri": f"sqlite:///{db}", "experiment": "exp"}})
     result = run_experiment(exp)
     table = result["table"]
-    assert len(table) == 3 and (table["trials"] == 2).all()
+    assert len(table) == 4 and (table["trials"] == 2).all()
+    assert set(table["mode"]) == {"finetune", "linear", "scratch", "series-finetune"}
     assert {"auc_mean_mean", "auc_mean_std", "auc_any_mean"} <= set(table.columns)
     diffs = result["differences"]
-    assert sorted(zip(diffs["mode"], diffs["label_fraction"])) == [("finetune", 0.5), ("linear", 0.5)]
+    assert sorted(zip(diffs["mode"], diffs["label_fraction"])) == [
+        ("finetune", 0.5), ("linear", 0.5), ("series-finetune", 0.5)]
     assert (diffs["pairs"] == 2).all() and (diffs["interval"] == "patients and seeds").all()
     assert diffs["delta_auc_mean"].notna().all()  # the interval may be NaN: the tiny test split lacks classes
-    assert "mode − scratch" in open(tmp_path / "e" / "table.md").read()
+    # the series head against the slice model it embeds with: paired by seed, at slice and exam level
+    paired = result["series_vs_slice"]
+    assert sorted(zip(paired["mode"], paired["reference"], paired["level"])) == [
+        ("series-finetune", "finetune", "exam"), ("series-finetune", "finetune", "slice")]
+    assert (paired["pairs"] == 2).all()
+    assert len(result["exam_table"]) == 4
+    text = open(tmp_path / "e" / "table.md").read()
+    assert "finetune − scratch" in text and "series-finetune − finetune" in text and "Exam level" in text
     assert os.path.getsize(tmp_path / "e" / "label_efficiency.png") > 1000
     client = _client(db)
     children = client.search_runs([client.get_experiment_by_name("exp").experiment_id],
                                   f"tags.mlflow.parentRunId = '{result['run_id']}'")
-    assert len(children) == 6
+    assert len(children) == 8
     assert all(len(client.get_metric_history(c.info.run_id, "test_auc_mean")) == 1 for c in children)
     # the same network in every mode: a scratch ResNet-50 against a MoCo ResNet-18 compares architectures
     assert {c.data.params["arch"] for c in children} == {"resnet18"}

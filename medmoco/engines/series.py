@@ -10,8 +10,9 @@ Two ways to train, one loop (an ignite ``Engine`` whose iteration is a batch of 
 
 The loss is the slice BCE (weighted per class, ``any`` x2 as the competition metric, over the
 valid slices) plus ``exam_weight`` x the exam BCE (a series is positive for a class when any of
-its slices is). Every epoch is scored on ``val`` (slice mean AUC; minus the weighted log loss when
-no class has both labels) and the best epoch's head is kept: the test split is never read here.
+its slices is). Every epoch is scored on ``val`` (:func:`selection_key`: the slice-level and
+exam-level mean AUC, ties broken by the log loss) and the best epoch's head is kept: the test
+split is never read here.
 """
 from __future__ import annotations
 
@@ -88,6 +89,17 @@ def predict_series_rows(model, cache, rows, device="cpu", batch_size: int = 64, 
     return slice_probs, keys, exam_probs, members
 
 
+def selection_key(slice_metrics: dict, exam_metrics: dict) -> tuple[float, float]:
+    """How an epoch is scored on val: the mean of the slice-level and the exam-level mean AUC (both
+    are outputs of the model; either alone where the other is undefined; minus the weighted log loss
+    where neither is), then, between equal scores, the lower slice weighted log loss. On a small or
+    easy val split the AUCs saturate at 1 within a few epochs, and the first such epoch would
+    otherwise win with an exam output that has barely trained."""
+    aucs = [v for v in (slice_metrics["auc_mean"], exam_metrics["auc_mean"]) if v == v]
+    loss = float(slice_metrics["weighted_logloss"])
+    return (float(np.mean(aucs)) if aucs else -loss, -loss)
+
+
 def train_series_head(model, cache, train_rows, val_rows, epochs: int, lr: float, weight_decay: float,
                       batch_series: int, class_weights, exam_weight: float, seed: int, device="cpu",
                       train_features=None, val_features=None, end_to_end: bool = False, on_epoch=None) -> dict:
@@ -150,7 +162,7 @@ def train_series_head(model, cache, train_rows, val_rows, epochs: int, lr: float
     trainer = Engine(step)
     trainer.logger.setLevel(logging.WARNING)  # ignite logs every epoch at INFO; the stage logs the epoch line
     val_labels = cache.labels(val_rows)
-    best = {"epoch": 0, "score": -np.inf, "state": None, "history": []}
+    best = {"epoch": 0, "score": -np.inf, "key": None, "state": None, "history": []}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _reshuffle(engine):
@@ -164,14 +176,16 @@ def train_series_head(model, cache, train_rows, val_rows, epochs: int, lr: float
     @trainer.on(Events.EPOCH_COMPLETED)
     def _select(engine):
         scheduler.step()
-        probs = predict_series_rows(inner, cache, val_rows, device, features=val_features)[0]
+        probs, _, exam_probs, _ = predict_series_rows(inner, cache, val_rows, device, features=val_features)
         metrics = classification_metrics(val_labels, probs)
-        score = metrics["auc_mean"] if metrics["auc_mean"] == metrics["auc_mean"] else -metrics["weighted_logloss"]
+        exam = classification_metrics(exam_arrays(cache, val_rows, probs, exam_probs)[0], exam_probs)
+        key = selection_key(metrics, exam)
         entry = {"epoch": engine.state.epoch, "loss": float(np.mean(engine.state.losses)),
-                 "val_auc_mean": metrics["auc_mean"], "val_weighted_logloss": metrics["weighted_logloss"]}
+                 "val_auc_mean": metrics["auc_mean"], "val_exam_auc_mean": exam["auc_mean"],
+                 "val_weighted_logloss": metrics["weighted_logloss"], "val_score": key[0]}
         best["history"].append(entry)
-        if score > best["score"]:
-            best.update(epoch=engine.state.epoch, score=float(score),
+        if best["key"] is None or key > best["key"]:
+            best.update(epoch=engine.state.epoch, score=float(key[0]), key=key,
                         state=copy.deepcopy(inner.state_dict() if end_to_end else inner.head.state_dict()))
         if on_epoch is not None:
             on_epoch(engine.state.epoch, entry)

@@ -178,7 +178,8 @@ def register(run_id: str, name: str = MODEL_NAME, alias: str = "candidate", trac
             version = client.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
                                                   tags={"source_run": run_id,
                                                         FILES_TAG: json.dumps(digests, sort_keys=True)})
-    tags = {"mode": info["mode"], "label_fraction": run.data.params.get("label_fraction", ""),
+    tags = {"mode": info["mode"], "head": "series" if info.get("series") else "slice",
+            "label_fraction": run.data.params.get("label_fraction", ""),
             "pretrain_run_id": run.data.tags.get("pretrain_run_id", ""),
             "cache_fingerprint": info["preprocess"].get("cache_fingerprint", ""),
             "test_split_fingerprint": run.data.tags.get("test_split_fingerprint", ""),

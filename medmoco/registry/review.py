@@ -306,7 +306,8 @@ def versions_table(name: str, tracking_uri: str = "", alias: str = "champion") -
         low, high = _num(t.get("auc_mean_ci_low")), _num(t.get("auc_mean_ci_high"))
         auc = _num(t.get("auc_mean"))
         rows.append({"candidate": int(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
-                     "mode": t.get("mode", ""), "fraction": t.get("label_fraction", ""),
+                     "mode": t.get("mode", "") + ("+series" if t.get("head") == "series" else ""),
+                     "fraction": t.get("label_fraction", ""),
                      "test AUC mean [95% CI]": f"{auc:.3f} [{low:.3f}, {high:.3f}]" if low == low else f"{auc:.3f}",
                      "test split": split[:8] or "?", "cache": t.get("cache_fingerprint", "")[:8],
                      "comparable": "yes" if split and split == anchor_split else f"no: other test split than {anchor_name}",

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
          registry.add_arguments, registry.run),
         ("tracking-replay", "send the MLflow calls a run spooled while the server was unreachable",
          add_replay_arguments, run_replay),
+        ("tracking-relocate", "point a copied or moved SQLite store's file records at its new folder",
+         add_relocate_arguments, run_relocate),
     ]
     for name, help_text, add, run in stages:
         stage = sub.add_parser(name, help=help_text)
@@ -60,6 +62,27 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"medmoco tracking-replay: {err}", file=sys.stderr)
         return 1
     print(f"sent {result['sent']} tracking calls to {result['uri']} (run {result['run_id']})")
+    return 0
+
+
+def add_relocate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="the moved store: path of mlflow.db or sqlite:///... URI")
+
+
+def run_relocate(args: argparse.Namespace) -> int:
+    from medmoco.tracking.relocate import relocate
+
+    path = args.store[len("sqlite:///"):] if args.store.startswith("sqlite:///") else args.store
+    try:
+        result = relocate(path)
+    except FileNotFoundError as err:
+        print(f"medmoco tracking-relocate: {err}", file=sys.stderr)
+        return 1
+    if not result["from"]:
+        print(f"{path}: its records already point at {result['to']}/mlartifacts; nothing to change")
+    else:
+        print(f"{path}: {result['rows']} file records moved from {', '.join(result['from'])}/mlartifacts to "
+              f"{result['to']}/mlartifacts")
     return 0
 
 

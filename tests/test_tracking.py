@@ -188,3 +188,51 @@ def test_resuming_against_another_store_names_the_run_and_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=f"continues MLflow run {first.run_id}.*delete"):
         MlflowTracker(f"sqlite:///{tmp_path}/b.db", "e", run_id=first.run_id, run_dir=str(tmp_path / "run"),
                       resume=True)
+
+
+def test_a_moved_store_is_refused_until_relocated_then_writes_beside_itself(tmp_path):
+    """make demo's SQLite store records absolute file locations: a copied demo-run/ must not write
+    into (or read from) the original's files."""
+    import shutil
+
+    from medmoco.tracking import client, create_tracker
+    from medmoco.tracking.relocate import MovedStore
+    from pipelines.cli import main
+
+    original = tmp_path / "demo-run"
+    original.mkdir()
+    uri = f"sqlite:///{original / 'mlflow.db'}"
+    tracker = create_tracker(True, uri, "medmoco-finetune", run_dir=str(original / "run"))
+    note = original / "note.txt"
+    note.write_text("original")
+    tracker.log_artifact(str(note), "report")
+    run_id = tracker.run_id
+    tracker.finish()
+    copy = tmp_path / "moved"
+    shutil.copytree(original, copy)
+    moved_uri = f"sqlite:///{copy / 'mlflow.db'}"
+    with pytest.raises(MovedStore, match=r"tracking-relocate --store .*moved/mlflow.db"):
+        client(moved_uri)
+    with pytest.raises(MovedStore):
+        create_tracker(True, moved_uri, "medmoco-finetune", run_id=run_id)
+    assert main(["tracking-relocate", "--store", str(copy / "mlflow.db")]) == 0
+    # the copy now reads its own files and writes beside itself; the original is untouched. A new
+    # process, as a user's next command is (MLflow caches each run's artifact location in-process).
+    (copy / "mlartifacts" / "medmoco-finetune" / run_id / "artifacts" / "report" / "note.txt").write_text("copy")
+    extra = tmp_path / "extra.txt"
+    extra.write_text("new")
+    script = (f"from medmoco.tracking import client, create_tracker\n"
+              f"print(open(client({moved_uri!r}).download_artifacts({run_id!r}, 'report/note.txt', "
+              f"{str(tmp_path / 'dl')!r})).read())\n"
+              f"t = create_tracker(True, {moved_uri!r}, 'medmoco-finetune', run_id={run_id!r})\n"
+              f"t.log_artifact({str(extra)!r}, 'report')\nt.finish()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "copy"
+    assert (copy / "mlartifacts" / "medmoco-finetune" / run_id / "artifacts" / "report" / "extra.txt").exists()
+    assert not (original / "mlartifacts" / "medmoco-finetune" / run_id / "artifacts" / "report" / "extra.txt").exists()
+    assert (original / "mlartifacts" / "medmoco-finetune" / run_id / "artifacts" / "report" / "note.txt").read_text() \
+        == "original"
+    client(uri)  # the original store is where it was: not refused
+    assert main(["tracking-relocate", "--store", str(copy / "mlflow.db")]) == 0  # again: nothing to change

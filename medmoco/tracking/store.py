@@ -78,7 +78,10 @@ def client(uri: str = ""):
     """An ``MlflowClient`` for tracking and registry at ``uri`` (resolved as above)."""
     from mlflow.tracking import MlflowClient
 
+    from .relocate import check_not_moved
+
     resolved = resolve_tracking_uri(uri)
+    check_not_moved(resolved)  # a copied store would write into the original's files
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 

@@ -65,7 +65,10 @@ class MlflowTracker(NullTracker):
 
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        from .relocate import check_not_moved
+
         self.uri = resolve_tracking_uri(uri)
+        check_not_moved(self.uri)  # a copied demo-run/ would log into the original's files
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment = experiment
         self.run_dir = run_dir

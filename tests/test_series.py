@@ -273,3 +273,35 @@ def test_a_series_model_predicts_every_real_rsna_series_whole(series_run, tmp_pa
     assert len(series) == 12
     assert (series["n_slices"] == counts.reindex(series.index)).all()
     assert np.isfinite(series[list(SUBTYPES)].to_numpy()).all()
+
+
+def test_end_to_end_training_with_2p5d_input_and_flip_tta(easy_cache, tmp_path):
+    """End to end (the backbone trains too), on a 2.5D encoder (each slice with its neighbours as
+    channels) with the flip average: the backbone moves, the file records it, every loader agrees."""
+    from medmoco.config import SeriesConfig, load_config
+    from medmoco.engines.supervised import predict_rows
+    from medmoco.models import build_classifier, load_classifier, save_classifier
+    from pipelines.series import training
+
+    cache = open_cache(easy_cache)
+    torch.manual_seed(0)
+    encoder = build_classifier("resnet18", 3 * 3, "scratch")
+    encoder_file = save_classifier(encoder, str(tmp_path / "encoder.pt"), "resnet18", 9, 1, 32, "scratch",
+                                   cache.metadata)
+    config = load_config(SeriesConfig, None, {
+        "cache": easy_cache, "encoder": encoder_file, "run_dir": str(tmp_path / "run"), "epochs": 1, "hidden": 8,
+        "end_to_end": True, "flip_tta": True, "bootstrap": {"min_groups": 2, "replicates": 50},
+        "tracking": {"enabled": False}})
+    result = training(config)
+    model, info = load_classifier(result["model"])
+    assert info["series"]["training"] == "end_to_end" and info["series"]["flip_tta"] and info["context"] == 1
+    before = encoder.state_dict()["backbone.conv1.weight"]
+    assert not torch.allclose(model.encoder.state_dict()["backbone.conv1.weight"], before)  # the backbone trained
+    rows = cache.indices("test")
+    probs = predict_rows(model, cache, rows, info["context"], info["image_size"], "cpu")
+    assert np.isfinite(probs).all() and probs.shape == (len(rows), 6)
+    # the flip average: the embedding of an image equals the mean of its and its mirror's features
+    x = torch.rand(2, 9, 32, 32)
+    with torch.no_grad():
+        expected = 0.5 * (model.encoder.backbone(x) + model.encoder.backbone(torch.flip(x, dims=(-1,))))
+        torch.testing.assert_close(model.embed(x), expected)

@@ -19,7 +19,7 @@ from .assembly import check_or_write_job, finalize_cache, job_record, merge_part
 from .config import ConfigError, PreprocessConfig, parse_shard, usable_cpus
 from .labels import check_label_header
 from .markers import clear_in_flight
-from .sources import InputArchive
+from .sources import open_source
 
 log = logging.getLogger(__name__)
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -82,7 +82,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
         except ValueError as err:
             raise ConfigError(f"labels {err}") from None
     started = time.perf_counter()
-    archive = InputArchive(config.input)
+    archive = open_source(config.input)
     sources = archive.list()
     if not sources:
         raise ConfigError(f"input {config.input}: no DICOM, NIfTI or ITK files found")

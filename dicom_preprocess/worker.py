@@ -23,7 +23,7 @@ from .config import PreprocessConfig
 from .encoding import SliceEncoder
 from .markers import InFlight, clear_in_flight, read_quarantine
 from .reader import SkipImage, read_dicom, read_volume
-from .sources import InputArchive, Source
+from .sources import Source, open_source
 from .windowing import parse_windows
 
 MAX_REASON = 700  # two decoders' messages and what they printed
@@ -125,7 +125,7 @@ class ChunkWorker:
 
     def __init__(self, config: PreprocessConfig, in_worker_process: bool = False):
         self.config = config
-        self.archive = InputArchive(config.input)
+        self.archive = open_source(config.input)
         self.encoder = SliceEncoder(parse_windows(config.windows), config.window_mode, config.size)
         self.use_alarm = hasattr(signal, "setitimer")
         self.parts = os.path.join(config.out, cache_io.PARTS)

@@ -114,8 +114,8 @@ def test_preprocess_from_dicomweb_equals_files(orthanc, files, files_cache, tmp_
 def test_real_series_are_served_as_stored(orthanc, files):
     """WADO-RS hands over the stored bytes (transfer-syntax=*): implicit VR stays implicit."""
     if not files.real:
-        pytest.skip(f"real RSNA series not found at {os.path.abspath(REAL_SERIES)} (../shared/data/rsna-train-12series): "
-                    "only the synthetic archive went through Orthanc")
+        pytest.skip(f"real RSNA series not found at {os.path.abspath(REAL_SERIES)} "
+                    "(../shared/data/rsna-train-12series): only the synthetic archive went through Orthanc")
     source = open_source(web(orthanc))
     listed = {s.name: s for s in source.list()}
     assert set(files.real) <= set(listed)
@@ -192,7 +192,7 @@ def test_stow_stores_the_sr_folder(orthanc, files_cache, classifier, tmp_path, c
         del report.SOPClassUID
         report.SOPInstanceUID = pydicom.uid.generate_uid()
         report.save_as(unclassed)
-        with pytest.raises(ValueError, match=f"no-class.dcm.*HTTP 400"):
+        with pytest.raises(ValueError, match="no-class.dcm.*HTTP 400"):
             store(orthanc.dicomweb, [str(unclassed)])
     finally:  # the server holds the archive alone again, for the other tests
         for found in orthanc.rest("/tools/lookup", "POST", str(report.StudyInstanceUID)):

@@ -190,7 +190,7 @@ class DicomWebSource:
                 else:
                     future.cancel()
                     study = down[0].location[0]
-                    data = SourceUnavailable(f"{self._where(source)}: not requested, the server was unavailable "
+                    data = SourceUnavailable(f"{self._where(source)}: not read, the server was unavailable "
                                              f"(from study {study} on)")
                 yield source, data
                 following = next(todo, None)

@@ -19,6 +19,7 @@ from . import cache as cache_io
 from .config import ConfigError, PreprocessConfig
 from .files import atomic_copy, atomic_file, atomic_write_json
 from .labels import SUBTYPES, read_rsna_labels
+from .markers import chunks_to_retry, retry_path
 from .acquisition import COLUMNS as ACQUISITION_COLUMNS
 from .splits import GROUP_UNIT, SPLIT_METHOD, assign_splits, check_fractions, split_fingerprints
 from .windowing import parse_windows
@@ -68,6 +69,9 @@ def merge_parts(out: str, part_dirs: list[str]) -> None:
             if not name.startswith(cache_io.CHUNK_PREFIX) or not name.endswith(".json"):
                 continue
             stem = name[: -len(".json")]
+            chunk = int(stem[len(cache_io.CHUNK_PREFIX):])
+            if os.path.exists(retry_path(other_parts, chunk)):  # before the .json, as the worker writes them
+                atomic_copy(retry_path(other_parts, chunk), retry_path(parts, chunk))
             for suffix in (".npy", ".json"):  # .json last: it marks the chunk complete
                 src, dst = os.path.join(other_parts, stem + suffix), os.path.join(parts, stem + suffix)
                 if os.path.exists(dst) or os.path.abspath(src) == os.path.abspath(dst):
@@ -94,6 +98,11 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
             f"{out}: {len(missing)} of {record['chunks']} chunks not done (e.g. {missing[:5]}); "
             "run the remaining `medmoco preprocess --shard i/n` jobs, then preprocess-merge"
         )
+    retry = sorted(chunks_to_retry(parts))
+    if retry:
+        raise ConfigError(
+            f"{out}: {len(retry)} chunks (e.g. {retry[:5]}) hold inputs their source could not serve (errors.csv "
+            "says which and why); rerun the preprocess job(s) that made them when it answers, then preprocess-merge")
     rows, errors = [], []
     for chunk in range(record["chunks"]):
         info = cache_io.read_chunk_json(parts, chunk)
@@ -126,10 +135,7 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
                          _stem(manifest["source"].iloc[0]) if len(manifest) else "")
     for name in SUBTYPES:
         manifest[name] = manifest[name].astype(np.uint8)
-    # Every field quoted: member names of an archive may hold commas, quotes or a carriage return.
-    with atomic_file(os.path.join(out, cache_io.ERRORS), "w") as handle:
-        pd.DataFrame(errors, columns=["source", "reason"]).sort_values("source", kind="mergesort").to_csv(
-            handle, index=False, quoting=csv.QUOTE_ALL)
+    _write_errors_table(out, errors)
     if manifest.empty:
         examples = "; ".join(f"{e['source']}: {e['reason'][:120]}" for e in errors[:3])
         raise NothingCached(f"{out}: none of the {len(errors)} inputs is a usable image, so there is no cache; every "
@@ -164,6 +170,24 @@ def finalize_cache(out: str, labels: str | None = None) -> dict:
             "The cache is written without labels; give the labels of these images and rerun the same command "
             "(nothing is decoded again)")
     return metadata
+
+
+def write_errors(out: str) -> int:
+    """errors.csv of the chunks stored so far, without finalizing (a run whose input stopped
+    answering: the table says what is missing). Returns its number of rows."""
+    parts = os.path.join(out, cache_io.PARTS)
+    record = cache_io.read_job_record(parts)
+    errors = [e for c in range(record["chunks"]) if cache_io.chunk_done(parts, c)
+              for e in cache_io.read_chunk_json(parts, c)["errors"]]
+    _write_errors_table(out, errors)
+    return len(errors)
+
+
+def _write_errors_table(out: str, errors: list[dict]) -> None:
+    # Every field quoted: member names of an archive may hold commas, quotes or a carriage return.
+    with atomic_file(os.path.join(out, cache_io.ERRORS), "w") as handle:
+        pd.DataFrame(errors, columns=["source", "reason"]).sort_values("source", kind="mergesort").to_csv(
+            handle, index=False, quoting=csv.QUOTE_ALL)
 
 
 class NothingCached(RuntimeError):

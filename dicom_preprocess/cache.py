@@ -221,6 +221,14 @@ def chunk_done(parts_dir: str, chunk: int) -> bool:
     return os.path.exists(f"{stem}.json") and os.path.exists(f"{stem}.npy")
 
 
+def undo_chunk(parts_dir: str, chunk: int) -> None:
+    """Mark a stored chunk not done (its .json goes; its .npy stays until a new one replaces it)."""
+    try:
+        os.remove(f"{chunk_stem(parts_dir, chunk)}.json")
+    except FileNotFoundError:
+        pass
+
+
 def read_chunk_json(parts_dir: str, chunk: int) -> dict:
     with open(f"{chunk_stem(parts_dir, chunk)}.json") as handle:
         return json.load(handle)

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 
 from . import cache as cache_io
-from .assembly import check_or_write_job, finalize_cache, job_record, merge_parts  # noqa: F401 (API)
+from .assembly import check_or_write_job, finalize_cache, job_record, merge_parts, write_errors  # noqa: F401 (API)
 from .config import ConfigError, PreprocessConfig, parse_shard, usable_cpus
 from .labels import check_label_header
-from .markers import clear_in_flight
-from .sources import InputArchive
+from .markers import chunks_to_retry, clear_in_flight, clear_unavailable, read_unavailable
+from .sources import SourceUnavailable, open_source
 
 log = logging.getLogger(__name__)
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -82,8 +82,11 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
         except ValueError as err:
             raise ConfigError(f"labels {err}") from None
     started = time.perf_counter()
-    archive = InputArchive(config.input)
-    sources = archive.list()
+    try:
+        archive = open_source(config.input)
+    except (ValueError, ImportError) as err:
+        raise ConfigError(str(err)) from None
+    sources = archive.list()  # SourceUnavailable: a server that does not answer (nothing read yet)
     if not sources:
         raise ConfigError(f"input {config.input}: no DICOM, NIfTI or ITK files found")
     parts = os.path.join(config.out, cache_io.PARTS)
@@ -97,9 +100,13 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     chunks = [(c, sources[c * size : (c + 1) * size]) for c in range(record["chunks"])]
     index, count = parse_shard(config.shard) if config.shard else (0, 1)
     mine = [task for task in chunks if task[0] % count == index]
-    pending = [task for task in mine if not cache_io.chunk_done(parts, task[0])]
+    clear_unavailable(parts)  # a server that was down in the last run is asked again
+    retry = chunks_to_retry(parts)  # stored with inputs the source could not serve then
+    pending = [task for task in mine if task[0] in retry or not cache_io.chunk_done(parts, task[0])]
     for chunk, _ in pending:  # markers and partial files left by a killed run say nothing about this one
         clear_in_flight(parts, chunk)
+        if chunk in retry:  # not done until read again (the .npy stays until the new one replaces it)
+            cache_io.undo_chunk(parts, chunk)
     cache_io.remove_partial_chunks(parts, [chunk for chunk, _ in pending])
     done_before = len(mine) - len(pending)
     files = sum(len(t[1]) for t in pending)
@@ -123,10 +130,14 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
                 on_chunk_done(chunk, n_skip)
         else:
             run_in_processes(config, pending, workers, on_chunk_done)
+        not_read = []
         for chunk, _ in pending:
             info = cache_io.read_chunk_json(parts, chunk)
             cached += len(info["records"])
             skipped += len(info["errors"])
+            not_read += [e for e in info["errors"] if e.get("retry")]
+        if not_read:
+            raise _unavailable(config, parts, sources, not_read, record["chunks"])
         finalized, meta = False, None
         if count == 1 or all(cache_io.chunk_done(parts, c) for c in range(record["chunks"])):
             meta = finalize_cache(config.out, labels=config.labels or None)
@@ -145,6 +156,27 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     return JobSummary(config.out, files, record["chunks"], done_before, cached, skipped,
                       time.perf_counter() - started, finalized, meta["images"] if meta else None,
                       meta["skipped"] if meta else None, reused)
+
+
+def _unavailable(config: PreprocessConfig, parts: str, sources: list, not_read: list, chunks: int) -> SourceUnavailable:
+    """The error of a run whose input stopped answering: every chunk is stored (what was read is
+    kept), errors.csv lists what was not read, and no cache is finalized until a rerun reads it."""
+    failed = {e["source"] for e in not_read}
+    studies = sorted({s.location[0] for s in sources if s.name in failed and s.location})
+    where = ""
+    if studies:
+        where = f" of {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} ({', '.join(studies[:5])}" + \
+            (", ..." if len(studies) > 5 else "") + ")"
+    if all(cache_io.chunk_done(parts, c) for c in range(chunks)):
+        write_errors(config.out)
+        listed = f"errors.csv lists them ({os.path.join(config.out, cache_io.ERRORS)})"
+    else:
+        listed = "the .json files of the chunks in parts/ list them"
+    first = read_unavailable(parts) or not_read[0]["reason"]
+    return SourceUnavailable(
+        f"input {config.input}: {first}. {len(failed)} inputs{where} were not read; {listed}. What was read is "
+        "kept and no cache is finalized: rerun the same command when the source answers (it reads only the "
+        "chunks that lack inputs)")
 
 
 def _progress(total: int, enabled: bool, desc: str):

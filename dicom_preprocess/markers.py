@@ -83,3 +83,59 @@ def quarantine(parts: str, name: str, reason: str = CRASH_REASON) -> None:
     found = read_quarantine(parts)
     found[name] = reason
     atomic_write_json(os.path.join(parts, QUARANTINE_FILE), found)
+
+
+# -- an input that went away (a DICOMweb server down) -------------------------------------------
+# A worker that gets SourceUnavailable for an input records it in its chunk's errors with
+# ``retry``, writes ``parts/retry_<chunk>.txt`` before the chunk's .json (so a chunk stored with
+# such errors is never taken for finished by a rerun, even if the worker dies between the two),
+# and ``parts/unavailable.txt``: the workers then stop asking the input for the rest of the run
+# (each chunk still stored, its inputs listed as not read). A rerun clears the latter and reads
+# the chunks that have the former again.
+UNAVAILABLE_FILE = "unavailable.txt"
+RETRY_PREFIX = "retry_"
+
+
+def retry_path(parts: str, chunk: int) -> str:
+    return os.path.join(parts, f"{RETRY_PREFIX}{chunk:06d}.txt")
+
+
+def mark_for_retry(parts: str, chunk: int, count: int) -> None:
+    atomic_write_json(retry_path(parts, chunk), {"inputs_not_read": count})
+
+
+def clear_retry(parts: str, chunk: int) -> None:
+    try:
+        os.remove(retry_path(parts, chunk))
+    except FileNotFoundError:
+        pass
+
+
+def chunks_to_retry(parts: str) -> set[int]:
+    """Chunks stored with inputs their source could not serve (one listing of the folder)."""
+    names = os.listdir(parts) if os.path.isdir(parts) else []
+    return {int(n[len(RETRY_PREFIX):-4]) for n in names
+            if n.startswith(RETRY_PREFIX) and n.endswith(".txt") and n[len(RETRY_PREFIX):-4].isdigit()}
+
+
+def mark_unavailable(parts: str, reason: str) -> None:
+    """The input stopped answering (the first worker to see it says why; later ones keep it)."""
+    path = os.path.join(parts, UNAVAILABLE_FILE)
+    if not os.path.exists(path):
+        atomic_write_json(path, {"reason": reason})
+
+
+def read_unavailable(parts: str) -> str | None:
+    """Why the input stopped answering in this run, or None while it answers."""
+    try:
+        with open(os.path.join(parts, UNAVAILABLE_FILE)) as handle:
+            return json.load(handle)["reason"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def clear_unavailable(parts: str) -> None:
+    try:
+        os.remove(os.path.join(parts, UNAVAILABLE_FILE))
+    except FileNotFoundError:
+        pass

@@ -21,13 +21,15 @@ import numpy as np
 from . import cache as cache_io
 from .config import PreprocessConfig
 from .encoding import SliceEncoder
-from .markers import InFlight, clear_in_flight, read_quarantine
+from .markers import (InFlight, clear_in_flight, clear_retry, mark_for_retry, mark_unavailable, read_quarantine,
+                      read_unavailable)
 from .reader import SkipImage, read_dicom, read_volume
-from .sources import InputArchive, Source
+from .sources import Source, SourceUnavailable, open_source
 from .windowing import parse_windows
 
 MAX_REASON = 700  # two decoders' messages and what they printed
 MAX_INPUT_BYTES = 256 * 2**20
+RERUN = "a rerun of the same command reads it"  # what an input its source could not serve now is told
 
 
 def hash_id(value: str, salt: str) -> str:
@@ -125,7 +127,7 @@ class ChunkWorker:
 
     def __init__(self, config: PreprocessConfig, in_worker_process: bool = False):
         self.config = config
-        self.archive = InputArchive(config.input)
+        self.archive = open_source(config.input)
         self.encoder = SliceEncoder(parse_windows(config.windows), config.window_mode, config.size)
         self.use_alarm = hasattr(signal, "setitimer")
         self.parts = os.path.join(config.out, cache_io.PARTS)
@@ -172,6 +174,11 @@ class ChunkWorker:
         """Process and store one chunk; returns (chunk, cached, skipped)."""
         records, errors = [], []
         readable = [s for s in sources if not s.skip_reason and s.name not in self.quarantine]
+        down = read_unavailable(self.parts)
+        if down is not None:  # the input stopped answering earlier in this run: ask it nothing more
+            errors.extend({"source": s.name, "reason": f"not read, the input stopped answering ({down}); {RERUN}",
+                           "retry": True} for s in readable)
+            readable = []
         row_shape = (len(self.encoder.windows), self.config.size, self.config.size)
         # The chunk's rows are written to disk by a thread while the chunk decodes (ChunkWriter)
         pixels = cache_io.ChunkWriter(self.parts, chunk, row_shape, len(readable), rows=self._rows)
@@ -197,8 +204,14 @@ class ChunkWorker:
             errors.extend({"source": s.name, "reason": s.skip_reason} for s in sources if s.skip_reason)
             errors.extend({"source": s.name, "reason": self.quarantine[s.name]} for s in sources
                           if not s.skip_reason and s.name in self.quarantine)
-            errors = [{"source": e["source"], "reason": printable_reason(e["reason"])} for e in errors]
+            errors = [{"source": e["source"], "reason": printable_reason(e["reason"]),
+                       **({"retry": True} if e.get("retry") else {})} for e in errors]
+            retry = sum(1 for e in errors if e.get("retry"))
+            if retry:  # before the .json: a chunk stored with inputs to read again is never taken for done
+                mark_for_retry(self.parts, chunk, retry)
             pixels.finish(records, errors)
+            if not retry:
+                clear_retry(self.parts, chunk)
         except BaseException:
             pixels.abort()
             raise
@@ -214,6 +227,10 @@ class ChunkWorker:
         config = self.config
         if self.failpoints is not None:
             self.failpoints.before_decode(source.name)
+        if isinstance(data, SourceUnavailable):  # a rerun reads it (its server is down now)
+            errors.append({"source": source.name, "reason": f"{data}; {RERUN}", "retry": True})
+            mark_unavailable(self.parts, str(data))
+            return
         if isinstance(data, Exception):
             errors.append({"source": source.name, "reason": f"unreadable ({type(data).__name__}: {data})"})
             return

@@ -89,6 +89,7 @@ def run_relocate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from dicom_preprocess.assembly import LabelsUnmatched, NothingCached
     from dicom_preprocess.job import StorageFull
+    from dicom_preprocess.sources import SourceUnavailable
     from medmoco.distributed import PeerFailure
     from medmoco.handlers import JobSignalled
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobSignalled as err:
         print(f"medmoco {args.command}: {err}", file=sys.stderr)
         return err.exit_code
-    except (PeerFailure, StorageFull, NothingCached, LabelsUnmatched) as err:
+    except (PeerFailure, StorageFull, NothingCached, LabelsUnmatched, SourceUnavailable) as err:
         print(f"medmoco {args.command}: error: {err}", file=sys.stderr)
         return 1
 

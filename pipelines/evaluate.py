@@ -140,22 +140,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model.pt, runs:/ID or models:/NAME@ALIAS")
-    parser.add_argument("--input", required=True, help="DICOM folder, .zip or .tar(.gz)")
+    parser.add_argument("--input", required=True, help="DICOM folder, .zip or .tar(.gz), or a DICOMweb server: "
+                        "dicomweb+http://HOST:PORT/dicom-web[?StudyInstanceUID=...]")
     parser.add_argument("--out", required=True, help="submission CSV")
     parser.add_argument("--series-out", dest="series_out", default="",
                         help="CSV with one row per series: series_uid, n_slices, the six exam-level probabilities")
+    parser.add_argument("--sr", dest="sr_dir", default="", help="folder of the DICOM SR files of the predictions")
+    parser.add_argument("--stow", default="", help="DICOMweb root (http://HOST:PORT/dicom-web): store every DICOM "
+                        "file under --sr there with STOW-RS")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tracking-uri", dest="tracking_uri", default="")
 
 
 def predict(model: str, input_path: str, out: str, workers: int = 1, device: str = "cpu",
-            tracking_uri: str = "", series_out: str = "") -> dict:
+            tracking_uri: str = "", series_out: str = "", sr_dir: str = "", stow: str = "") -> dict:
+    from dicom_preprocess.sources import is_dicomweb
     from medmoco.models.export import read_weights
 
+    if stow:
+        check_stow(stow, sr_dir)
     path = resolve_model(model, tracking_uri)
     info = {k: v for k, v in read_weights(path).items() if k != "state_dict"}
-    if not os.path.exists(input_path):
+    if not is_dicomweb(input_path) and not os.path.exists(input_path):
         raise ConfigError(f"input {input_path}: no such file or directory")
     from dicom_preprocess.assembly import NothingCached
 
@@ -177,7 +184,36 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
     write_submission(ids, probs, out)
     if len(skipped):
         skipped.to_csv(skipped_csv, index=False)
-    return {"images": len(ids), "skipped": len(skipped), "out": out, "series": n_series, "series_out": series_out}
+    stored = stow_folder(stow, sr_dir) if stow else None
+    return {"images": len(ids), "skipped": len(skipped), "out": out, "series": n_series, "series_out": series_out,
+            "stored": stored}
+
+
+def check_stow(url: str, sr_dir: str) -> None:
+    """Refuse a --stow that cannot work before anything is predicted."""
+    from dicom_preprocess.sources.dicomweb import parse_address
+
+    if not sr_dir:
+        raise ConfigError("--stow stores the DICOM files of --sr DIR: give --sr")
+    try:
+        parse_address(url, "--stow")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def stow_folder(url: str, folder: str) -> int:
+    """Store every DICOM file under ``folder`` (sorted by path) with STOW-RS; returns how many.
+
+    Raises:
+        SourceUnavailable: the server cannot be reached or answers 5xx.
+        ConfigError: a file the server refused (named), or no such folder.
+    """
+    from dicom_preprocess.sources.dicomweb import dicom_files, store
+
+    try:
+        return len(store(url, dicom_files(folder)))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{err} (the predictions are written; rerun to store)") from None
 
 
 def write_series_predictions(model_path: str, cache, rows, probs, path: str, device: str = "cpu") -> int:
@@ -203,9 +239,11 @@ def write_series_predictions(model_path: str, cache, rows, probs, path: str, dev
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    result = predict(args.model, args.input, args.out, args.workers, args.device, args.tracking_uri, args.series_out)
+    result = predict(args.model, args.input, args.out, args.workers, args.device, args.tracking_uri, args.series_out,
+                     args.sr_dir, args.stow)
     print(f"predicted {result['images']} images ({result['skipped']} skipped) -> {result['out']}"
-          + (f"; {result['series']} series -> {result['series_out']}" if args.series_out else ""))
+          + (f"; {result['series']} series -> {result['series_out']}" if args.series_out else "")
+          + (f"; {result['stored']} DICOM files of {args.sr_dir} stored at {args.stow}" if args.stow else ""))
     return 0
 
 

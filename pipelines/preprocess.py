@@ -11,7 +11,8 @@ CLI_KEYS = ("input", "labels", "out", "size", "windows", "window_mode", "workers
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file (configs/preprocess/rsna.yaml)")
-    parser.add_argument("--input", help="folder, .zip or .tar/.tar.gz of DICOM (also NIfTI/.mha/.nrrd)")
+    parser.add_argument("--input", help="folder, .zip or .tar/.tar.gz of DICOM (also NIfTI/.mha/.nrrd), or a "
+                        "DICOMweb server: dicomweb+http://HOST:PORT/dicom-web[?StudyInstanceUID=...]")
     parser.add_argument("--labels", help="RSNA long-format CSV (stage_2_train.csv)")
     parser.add_argument("--out", help="cache directory")
     parser.add_argument("--size", type=int)

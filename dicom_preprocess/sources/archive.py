@@ -14,25 +14,15 @@ import hashlib
 import os
 import tarfile
 import zipfile
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .reader import ITK_SUFFIXES, NIFTI_SUFFIXES
+from ..reader import ITK_SUFFIXES, NIFTI_SUFFIXES
+from .base import Source
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_MEMBER_BYTES = 256 * 2**20  # one slice is ~0.5 MB; a member above this is refused
 MAX_COMPRESSION_RATIO = 200  # zip-bomb guard: DICOM compresses ~3x, deflated zeros ~1000x
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file: ``name`` is its path relative to the input; ``kind`` is dicom or volume."""
-
-    name: str
-    kind: str  # "dicom" | "volume"
-    size: int
-    skip_reason: str = ""  # set when listing already knows the member cannot be read
 
 
 def classify(name: str) -> str | None:
@@ -47,7 +37,7 @@ def classify(name: str) -> str | None:
 
 
 class InputArchive:
-    """Lists and reads the image inputs of a folder or archive.
+    """Lists and reads the image inputs of a folder or archive (an :class:`~.base.InputSource`).
 
     Args:
         path: folder, ``.zip``, ``.tar[.gz|.bz2|.xz]``, or a single DICOM/NIfTI/ITK file.

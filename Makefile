@@ -27,17 +27,19 @@ TEST_WORKERS ?= 2
 test: venv services
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
-# Debian services the tests start themselves (on loopback, stopped by PID): SLURM (slurm-wlm +
-# munge) for tests/test_slurm.py. Installed with apt where this runs as root with apt; elsewhere
-# the tests that need them skip with a message naming what is missing.
-SERVICE_PACKAGES := slurm-wlm munge
+# Debian tools the tests use: SLURM (slurm-wlm + munge) for tests/test_slurm.py, which starts
+# its services itself (on loopback, stopped by PID), and dicom3tools' DICOM validator `dciodvfy`
+# for tests/test_sr.py. Installed with apt where this runs as root with apt; elsewhere the tests
+# that need them skip with a message naming what is missing.
+SERVICE_PACKAGES := slurm-wlm munge dicom3tools
 services:
-	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 \
+	    && command -v dciodvfy >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(SERVICE_PACKAGES) for the tests (apt)"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVICE_PACKAGES) >/dev/null) \
-	        || echo "could not install $(SERVICE_PACKAGES): the SLURM tests will skip"; \
-	else echo "not root or no apt: $(SERVICE_PACKAGES) not installed, the SLURM tests will skip"; fi
+	        || echo "could not install $(SERVICE_PACKAGES): the SLURM tests and the SR validation will skip"; \
+	else echo "not root or no apt: $(SERVICE_PACKAGES) not installed, the SLURM tests and the SR validation will skip"; fi
 
 # The label-efficiency experiment on CPU (README section 4): data, pretraining, then the trials.
 # Each step resumes or is skipped when its output exists.

@@ -28,12 +28,14 @@ instance UIDs are new, valid ones.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -131,7 +133,8 @@ def series_report(probabilities: Mapping[str, float], headers: Sequence[Dataset]
     """
     import highdicom as hd
 
-    evidence = [evidence_header(ds) for ds in headers]
+    with invalid_uids_expected():
+        evidence = [evidence_header(ds) for ds in headers]
     algorithm = hd.sr.AlgorithmIdentification(
         name=identity.name, version=identity.version, manufacturer="medmoco",
         parameters=[f"sha256:{identity.sha256}", *parameters])
@@ -155,8 +158,7 @@ def series_report(probabilities: Mapping[str, float], headers: Sequence[Dataset]
             model_name=f"{identity.name} {identity.version}"[:64])))
     report = hd.sr.MeasurementReport(observation_context=observer, procedure_reported=codes.SCT.ComputedTomography,
                                      imaging_measurements=groups)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=INVALID_UID_WARNING)
+    with invalid_uids_expected():
         return hd.sr.ComprehensiveSR(
             evidence=evidence, content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medmoco", is_complete=True,
@@ -187,8 +189,7 @@ def write_series_srs(predictions, headers_by_series: Mapping[str, Sequence[Datas
             raise KeyError(f"series {series_uid}: no DICOM headers to reference; cannot write its SR")
         sr = series_report(row, headers_by_series[series_uid], identity, thresholds, parameters)
         path = os.path.join(out_dir, _file_name(series_uid, str(sr.SOPInstanceUID), used))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=INVALID_UID_WARNING)
+        with invalid_uids_expected():
             sr.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -219,13 +220,31 @@ def read_series_headers(input_path: str, sources_by_series: Mapping[str, Sequenc
         raise ValueError(f"input {input_path}: {volumes[0]} is a volume, not DICOM: an SR references DICOM "
                          "instances; write SRs for DICOM inputs only")
     headers = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=INVALID_UID_WARNING)
+    with invalid_uids_expected():
         for source, data in archive.read_many(wanted):
             if isinstance(data, Exception):
                 raise ValueError(f"{source.name}: cannot read its header ({data})")
             headers[source.name] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     return {series: [headers[name] for name in names] for series, names in sources_by_series.items()}
+
+
+@contextlib.contextmanager
+def invalid_uids_expected() -> Iterator[None]:
+    """Silence pydicom's "Invalid value for VR UI" (a warning and a log record for every value it
+    reads or sets) where source UIDs are handled as they are: RSNA's ``ID_...`` give thousands per
+    run. Every other validation message still shows."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(INVALID_UID_WARNING)
+
+    logger = logging.getLogger("pydicom")
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=INVALID_UID_WARNING)
+            yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _device_uid(sha256: str) -> str:

@@ -48,7 +48,7 @@ from .test_real_series import REAL_SERIES
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 BIAS = (3.0, -3.0, 0.0, 0.0, 3.0, -3.0)  # epidural and subdural present, intraparenchymal and any absent
-SLICE_THRESHOLDS = {c: 0.5 for c in SUBTYPES}
+SLICE_THRESHOLDS = {c: 0.5 for c in SUBTYPES}  # replaced amid the data in the real-series test
 EXAM_THRESHOLDS = {c: 0.45 for c in SUBTYPES}  # a series model's: what its SRs must apply
 CT_IMAGE_STORAGE, COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.33"
 VALID_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -148,12 +148,13 @@ def _series_images(paths) -> dict:
     return out
 
 
-def _predict(model: str, input_path: str, tmp) -> tuple[pd.DataFrame, list[str]]:
+def _predict(model: str, input_path: str, tmp, sr: bool = True) -> tuple[pd.DataFrame, list[str]]:
     from pipelines.cli import main
 
+    tmp.mkdir(parents=True, exist_ok=True)
     sr_dir = tmp / "sr"
     code = main(["predict", "--model", model, "--input", input_path, "--out", str(tmp / "slices.csv"),
-                 "--series-out", str(tmp / "series.csv"), "--sr", str(sr_dir)])
+                 "--series-out", str(tmp / "series.csv")] + (["--sr", str(sr_dir)] if sr else []))
     assert code == 0
     return pd.read_csv(tmp / "series.csv"), sorted(glob.glob(str(sr_dir / "*.dcm")))
 
@@ -281,13 +282,27 @@ def test_one_valid_sr_per_series_of_a_synthetic_zip(series_model, synthetic_zip,
 
 
 def test_one_sr_per_real_rsna_series_referencing_their_own_uids(slice_model, tmp_path):
+    from medmoco.models.classifier import set_operating_points
+
     folder = os.path.abspath(REAL_SERIES)
     if not os.path.isdir(folder):
         pytest.skip(f"real RSNA series not found at {folder} (../shared/data/rsna-train-12series)")
-    series, srs = _predict(slice_model, folder, tmp_path)
+    # thresholds amid the data: per subtype between the 6th and 7th of the 12 series' probabilities,
+    # so six findings are present and six absent, and a rule off by a fraction of the gap fails
+    first, _ = _predict(slice_model, folder, tmp_path / "first", sr=False)
+    ranked = np.sort(first[list(SUBTYPES)].to_numpy(), axis=0)
+    assert (ranked[6] - ranked[5] > 1e-6).all()  # no tie at the threshold
+    thresholds = dict(zip(SUBTYPES, ((ranked[5] + ranked[6]) / 2).tolist()))
+    model = str(tmp_path / "model.pt")
+    shutil.copy(slice_model, model)
+    set_operating_points(model, {"split": "val", "target_sensitivity": 0.9, "thresholds": thresholds})
+
+    series, srs = _predict(model, folder, tmp_path)
     images = _series_images(sorted(glob.glob(os.path.join(folder, "*.dcm"))))
     assert len(images) == 12
-    read = _check_srs(srs, series, images, slice_model, SLICE_THRESHOLDS)
+    read = _check_srs(srs, series, images, model, thresholds)
+    for c in SUBTYPES:
+        assert sum(r["findings"][c]["finding"] == PRESENT for r in read) == 6, c
     assert all(e[3] == CT_IMAGE_STORAGE for r in read for e in r["evidence"])  # from the file meta: none in the data
     _needs_dciodvfy()
     for path, r in zip(srs, read):

@@ -181,10 +181,13 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
         skipped = cache.errors()
         if series_out or sr_dir:
             series, sources = series_predictions(path, cache, rows, probs, device)
+    write_submission(ids, probs, out)
+    if len(skipped):
+        skipped.to_csv(skipped_csv, index=False)
     if series_out:
         os.makedirs(os.path.dirname(os.path.abspath(series_out)), exist_ok=True)
         series.to_csv(series_out, index=False, float_format="%.9g")
-    if sr_dir:
+    if sr_dir:  # last: the CSVs are written even where an input cannot have SRs (a volume)
         from medmoco.export.sr import read_series_headers, series_operating_point, write_series_srs
         from medmoco.inference.identity import model_identity
 
@@ -192,9 +195,6 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
         headers = read_series_headers(input_path, dict(zip(series["series_uid"], sources)))
         srs = write_series_srs(series, headers, model_identity(model, path, info, tracking_uri), thresholds, sr_dir,
                                parameters)
-    write_submission(ids, probs, out)
-    if len(skipped):
-        skipped.to_csv(skipped_csv, index=False)
     return {"images": len(ids), "skipped": len(skipped), "out": out,
             "series": None if series is None else len(series), "series_out": series_out, "srs": srs}
 

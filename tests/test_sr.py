@@ -3,8 +3,9 @@
 Two inputs: a small synthetic archive (a zip) whose UIDs are rewritten to valid ones, predicted by
 a series model, and the 12 real RSNA series (``../shared/data/rsna-train-12series``, a folder),
 whose UIDs are the challenge's invalid ``ID_...`` strings, predicted by a slice model. The models
-are freshly initialised (their figures mean nothing); the head's biases make some subtypes
-clearly present and some clearly absent.
+are freshly initialised (their figures mean nothing): the head's biases make some subtypes
+clearly present and some clearly absent at the series model's thresholds, and the slice model's
+thresholds are set amid the 12 real series' probabilities (six present, six absent per subtype).
 
 Every SR is checked against what the test reads itself from the input files (pydicom) and the
 model file (torch, hashlib), never through medmoco.export: one SR per series; dciodvfy finds no
@@ -94,13 +95,11 @@ def slice_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def series_model(tmp_path_factory):
-    from medmoco.models.classifier import save_series_model
+    from medmoco.models.classifier import save_classifier, save_series_model
     from medmoco.models.export import read_weights
     from medmoco.models.series import SeriesClassifier, SeriesHead
 
     tmp = tmp_path_factory.mktemp("series-model")
-    from medmoco.models.classifier import save_classifier
-
     encoder_file = save_classifier(_encoder(1), str(tmp / "encoder.pt"), "resnet18", 3, 0, 32, "scratch", _preprocess())
     torch.manual_seed(2)
     head = SeriesHead(512, hidden=8, dropout=0.0)
@@ -264,6 +263,15 @@ def test_an_rsna_header_is_completed_on_a_copy():
     del ds.SeriesInstanceUID
     with pytest.raises(ValueError, match="no SeriesInstanceUID"):
         evidence_header(ds, "ID_i.dcm")
+
+
+def test_a_volume_has_no_instances_to_reference(tmp_path):
+    from dicom_preprocess.config import ConfigError
+    from medmoco.export.sr import read_series_headers
+
+    (tmp_path / "head.nii.gz").write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="head.nii.gz is a volume, not DICOM"):
+        read_series_headers(str(tmp_path), {"1.2.3": ["head.nii.gz"]})
 
 
 # --- predict --sr -------------------------------------------------------------------------------

@@ -202,11 +202,12 @@ def read_series_headers(input_path: str, sources_by_series: Mapping[str, Sequenc
         sources_by_series: ``{series_uid: member names}``, as the cache manifest's ``source`` column.
 
     Raises:
-        ValueError: a member is not a DICOM file (a NIfTI or ITK volume has no header to reference)
-            or cannot be read.
+        ConfigError: a member is missing, is not a DICOM file (a NIfTI or ITK volume has no
+            instance to reference) or cannot be read.
     """
     import pydicom
 
+    from dicom_preprocess.config import ConfigError
     from dicom_preprocess.sources import InputArchive
 
     archive = InputArchive(input_path)
@@ -214,16 +215,16 @@ def read_series_headers(input_path: str, sources_by_series: Mapping[str, Sequenc
     wanted = [listed[name] for names in sources_by_series.values() for name in names if name in listed]
     absent = [name for names in sources_by_series.values() for name in names if name not in listed]
     if absent:
-        raise ValueError(f"input {input_path}: {absent[0]} (and {len(absent) - 1} more) not found")
+        raise ConfigError(f"input {input_path}: {absent[0]} (and {len(absent) - 1} more) not found")
     volumes = [s.name for s in wanted if s.kind != "dicom"]
     if volumes:
-        raise ValueError(f"input {input_path}: {volumes[0]} is a volume, not DICOM: an SR references DICOM "
-                         "instances; write SRs for DICOM inputs only")
+        raise ConfigError(f"input {input_path}: {volumes[0]} is a volume, not DICOM: an SR references DICOM "
+                          "instances; use --sr with DICOM inputs only")
     headers = {}
     with invalid_uids_expected():
         for source, data in archive.read_many(wanted):
             if isinstance(data, Exception):
-                raise ValueError(f"{source.name}: cannot read its header ({data})")
+                raise ConfigError(f"{source.name}: cannot read its header ({data})")
             headers[source.name] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     return {series: [headers[name] for name in names] for series, names in sources_by_series.items()}
 

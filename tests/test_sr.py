@@ -13,7 +13,7 @@ error; pydicom and highdicom read it back; its findings and probabilities are th
 ``--series-out`` CSV at the model's thresholds; its evidence is exactly the series' images; its
 algorithm identification names the model and its sha256.
 
-dciodvfy (dicom3tools 1.00~20230225 on Debian 12) on these SRs:
+dciodvfy (Debian 12 package dicom3tools 1.00~20220618093127-2) on these SRs:
 
 * synthetic archive, valid UIDs: no error. Warnings: "Missing attribute or value that would be
   needed to build DICOMDIR" for Study Date, Study Time and Study ID (type 2, empty: the sources

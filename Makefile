@@ -27,20 +27,22 @@ TEST_WORKERS ?= 2
 test: venv services
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
-# Debian services the tests start themselves (on loopback, stopped by PID): SLURM (slurm-wlm +
-# munge) for tests/test_slurm.py, Orthanc with its DICOMweb plugin (orthanc + orthanc-dicomweb) for
+# Debian tools the tests use, on loopback, started and stopped by PID by the tests themselves:
+# SLURM (slurm-wlm + munge) for tests/test_slurm.py, dicom3tools' DICOM validator `dciodvfy` for
+# tests/test_sr.py, and Orthanc with its DICOMweb plugin (orthanc + orthanc-dicomweb) for
 # tests/test_dicomweb.py. Installed with apt where this runs as root with apt; elsewhere the tests
 # that need them skip with a message naming what is missing. The orthanc package enables a system
 # service; the tests never use it (they start Orthanc with their own config), so it is stopped.
-SERVICE_PACKAGES := slurm-wlm munge
+SERVICE_PACKAGES := slurm-wlm munge dicom3tools
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
 services:
-	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 \
+	    && command -v dciodvfy >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(SERVICE_PACKAGES) for the tests (apt)"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SERVICE_PACKAGES) >/dev/null) \
-	        || echo "could not install $(SERVICE_PACKAGES): the SLURM tests will skip"; \
-	else echo "not root or no apt: $(SERVICE_PACKAGES) not installed, the SLURM tests will skip"; fi
+	        || echo "could not install $(SERVICE_PACKAGES): the SLURM tests and the SR validation will skip"; \
+	else echo "not root or no apt: $(SERVICE_PACKAGES) not installed, the SLURM tests and the SR validation will skip"; fi
 	@if command -v Orthanc >/dev/null 2>&1 && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(ORTHANC_PACKAGES) for the tests (apt)"; \

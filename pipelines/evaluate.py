@@ -145,7 +145,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="submission CSV")
     parser.add_argument("--series-out", dest="series_out", default="",
                         help="CSV with one row per series: series_uid, n_slices, the six exam-level probabilities")
-    parser.add_argument("--sr", dest="sr_dir", default="", help="folder of the DICOM SR files of the predictions")
+    parser.add_argument("--sr", dest="sr_dir", default="",
+                        help="folder for one DICOM Structured Report per series (findings at the model's thresholds, "
+                             "probabilities, the model's name, version and sha256; DICOM inputs only)")
     parser.add_argument("--stow", default="", help="DICOMweb root (http://HOST:PORT/dicom-web): store every DICOM "
                         "file under --sr there with STOW-RS")
     parser.add_argument("--workers", type=int, default=1)
@@ -155,6 +157,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict(model: str, input_path: str, out: str, workers: int = 1, device: str = "cpu",
             tracking_uri: str = "", series_out: str = "", sr_dir: str = "", stow: str = "") -> dict:
+    """Slice probabilities of raw DICOMs (a Kaggle submission CSV at ``out``) and, on request, one
+    row per series (``series_out``), one DICOM SR per series (``sr_dir``) and those SRs stored on a
+    DICOMweb server (``stow``)."""
     from dicom_preprocess.sources import is_dicomweb
     from medmoco.models.export import read_weights
 
@@ -167,6 +172,7 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
     from dicom_preprocess.assembly import NothingCached
 
     skipped_csv = os.path.splitext(out)[0] + ".skipped.csv"
+    series, srs = None, []
     with tempfile.TemporaryDirectory(prefix="medmoco-predict-") as work:
         try:
             preprocess_like_model(info, input_path, os.path.join(work, "cache"), workers)
@@ -180,12 +186,25 @@ def predict(model: str, input_path: str, out: str, workers: int = 1, device: str
                                 f"are in {skipped_csv}") from None
         ids, probs, rows, cache, _ = predict_cache(path, os.path.join(work, "cache"), None, device)
         skipped = cache.errors()
-        n_series = write_series_predictions(path, cache, rows, probs, series_out, device) if series_out else None
+        if series_out or sr_dir:
+            series, sources = series_predictions(path, cache, rows, probs, device)
     write_submission(ids, probs, out)
     if len(skipped):
         skipped.to_csv(skipped_csv, index=False)
+    if series_out:
+        os.makedirs(os.path.dirname(os.path.abspath(series_out)), exist_ok=True)
+        series.to_csv(series_out, index=False, float_format="%.9g")
+    if sr_dir:  # last: the CSVs are written even where an input cannot have SRs (a volume)
+        from medmoco.export.sr import read_series_headers, series_operating_point, write_series_srs
+        from medmoco.inference.identity import model_identity
+
+        thresholds, parameters = series_operating_point(info)
+        headers = read_series_headers(input_path, dict(zip(series["series_uid"], sources)))
+        srs = write_series_srs(series, headers, model_identity(model, path, info, tracking_uri), thresholds, sr_dir,
+                               parameters)
     stored = stow_folder(stow, sr_dir) if stow else None
-    return {"images": len(ids), "skipped": len(skipped), "out": out, "series": n_series, "series_out": series_out,
+    return {"images": len(ids), "skipped": len(skipped), "out": out,
+            "series": None if series is None else len(series), "series_out": series_out, "srs": srs,
             "stored": stored}
 
 
@@ -216,13 +235,15 @@ def stow_folder(url: str, folder: str) -> int:
         raise ConfigError(f"{err} (the predictions are written; rerun to store)") from None
 
 
-def write_series_predictions(model_path: str, cache, rows, probs, path: str, device: str = "cpu") -> int:
+def series_predictions(model_path: str, cache, rows, probs, device: str = "cpu"):
     """One row per series (grouped by SeriesInstanceUID, slices in order): ``series_uid``,
     ``study_uid``, ``n_slices`` and the six exam-level probabilities (a series model's exam output,
-    else the highest slice probability of the series). Returns the number of series."""
+    else the highest slice probability of the series); and per row the input member names of its
+    slices (the manifest's ``source``)."""
     import pandas as pd
 
     from dicom_preprocess import SUBTYPES
+    from medmoco.data.series import series_members
     from medmoco.engines.series import exam_predictions
     from medmoco.models import load_classifier
 
@@ -233,9 +254,9 @@ def write_series_predictions(model_path: str, cache, rows, probs, path: str, dev
     frame = pd.DataFrame({"series_uid": series, "study_uid": study, "n_slices": n_slices})
     for j, c in enumerate(SUBTYPES):
         frame[c] = exam_p[:, j].astype(float)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    frame.to_csv(path, index=False, float_format="%.9g")
-    return len(frame)
+    members, _ = series_members(cache, rows)  # the grouping exam_predictions made (exam_arrays), in its order
+    source = cache.manifest["source"].to_numpy()
+    return frame, [list(source[m]) for m in members]
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -243,6 +264,7 @@ def run_predict(args: argparse.Namespace) -> int:
                      args.sr_dir, args.stow)
     print(f"predicted {result['images']} images ({result['skipped']} skipped) -> {result['out']}"
           + (f"; {result['series']} series -> {result['series_out']}" if args.series_out else "")
+          + (f"; {len(result['srs'])} DICOM SRs -> {args.sr_dir}" if args.sr_dir else "")
           + (f"; {result['stored']} DICOM files of {args.sr_dir} stored at {args.stow}" if args.stow else ""))
     return 0
 

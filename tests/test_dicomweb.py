@@ -164,10 +164,12 @@ def test_predict_from_dicomweb_equals_files(orthanc, files, classifier, tmp_path
         assert a.read() == b.read()
 
 
-def test_stow_stores_the_sr_folder(orthanc, files_cache, classifier, tmp_path, capsys):
-    """`predict --sr DIR --stow URL` stores the DICOM files of DIR (here pydicom's SR test file:
-    valid UIDs and a SOPClassUID) and Orthanc lists it; a file without SOPClassUID (as RSNA's) is
-    refused by name."""
+def test_stow_stores_the_srs_of_a_prediction_from_dicomweb(orthanc, files_cache, classifier, tmp_path, capsys):
+    """`predict --input dicomweb+... --sr DIR --stow URL`: one SR per series of the study is written
+    and stored beside its study on the server, which lists it and serves it back (highdicom reads
+    it, and it references that series' images); a file without SOPClassUID (as RSNA's) is refused
+    by name (Orthanc's STOW-RS answers 400)."""
+    import highdicom as hd
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -175,28 +177,35 @@ def test_stow_stores_the_sr_folder(orthanc, files_cache, classifier, tmp_path, c
     from pipelines.cli import main
 
     sr_dir = tmp_path / "sr"
-    (sr_dir / "series-1").mkdir(parents=True)
-    shutil.copy(get_testdata_file("test-SR.dcm"), sr_dir / "series-1" / "report.dcm")
-    (sr_dir / "notes.txt").write_text("not DICOM: not sent")
-    report = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
-    study = open_cache(files_cache).manifest["study_uid"].iloc[0]
+    manifest = open_cache(files_cache).manifest
+    study = manifest["study_uid"].iloc[0]
+    series = set(manifest.loc[manifest["study_uid"] == study, "series_uid"])
+    client = connect(orthanc.dicomweb)
     try:
         code = main(["predict", "--model", classifier, "--input", web(orthanc, f"StudyInstanceUID={study}"),
                      "--out", str(tmp_path / "sub.csv"), "--sr", str(sr_dir), "--stow", orthanc.dicomweb])
         assert code == 0
-        assert f"1 DICOM files of {sr_dir} stored at {orthanc.dicomweb}" in capsys.readouterr().out
-        listed = connect(orthanc.dicomweb).search_for_instances(study_instance_uid=str(report.StudyInstanceUID))
-        assert [item["00080018"]["Value"][0] for item in listed] == [str(report.SOPInstanceUID)]
-
+        out = capsys.readouterr().out
+        assert f"{len(series)} DICOM SRs -> {sr_dir}" in out
+        assert f"{len(series)} DICOM files of {sr_dir} stored at {orthanc.dicomweb}" in out
+        found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
+        assert len(found) == len(series)
+        for item in found:
+            served = client.retrieve_instance(study, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
+            report = hd.sr.ComprehensiveSR.from_dataset(served)
+            evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            assert {str(e.SeriesInstanceUID) for e in evidence} <= series
         unclassed = tmp_path / "no-class.dcm"
-        del report.SOPClassUID
-        report.SOPInstanceUID = pydicom.uid.generate_uid()
-        report.save_as(unclassed)
+        other = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+        del other.SOPClassUID
+        other.SOPInstanceUID = pydicom.uid.generate_uid()
+        other.save_as(unclassed)
         with pytest.raises(ValueError, match="no-class.dcm.*HTTP 400"):
             store(orthanc.dicomweb, [str(unclassed)])
     finally:  # the server holds the archive alone again, for the other tests
-        for found in orthanc.rest("/tools/lookup", "POST", str(report.StudyInstanceUID)):
-            orthanc.rest(found["Path"], "DELETE")
+        for item in client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"}):
+            for hit in orthanc.rest("/tools/lookup", "POST", item["00080018"]["Value"][0]):
+                orthanc.rest(hit["Path"], "DELETE")
 
 
 def test_server_killed_mid_study(orthanc, files, files_cache, tmp_path, monkeypatch):

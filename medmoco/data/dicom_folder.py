@@ -43,7 +43,7 @@ def series_datalist(folder: str, context: int = 0, modalities=("CT",)) -> list[d
     records, skipped = [], 0
     for source in archive.list():
         path = archive.local_path(source)
-        reason = source.skip_reason or ("" if source.kind == "dicom" else "not a DICOM file (volumes: `medmoco predict`)")
+        reason = source.skip_reason or ("" if source.kind == "dicom" else "not a DICOM file (volumes: medmoco predict)")
         if not reason:
             try:
                 # the whole reader, not a header parse: an image it refuses here would be refused later

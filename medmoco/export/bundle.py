@@ -2,12 +2,12 @@
 
 :func:`export_bundle` writes::
 
-    DIR/configs/metadata.json         the spec's keys, the model's preprocessing and its registry record
-    DIR/configs/metadata_schema.json  a JSON schema of the spec's required keys (verify_metadata offline)
-    DIR/configs/inference.json        folder of DICOM slices -> predictions.csv (`python -m monai.bundle run`)
-    DIR/models/model.pt               state dict of ``network_def`` (:class:`medmoco.export.network.BundleClassifier`)
+    DIR/configs/metadata.json         the spec's keys, the model's preprocessing, its registry record (.metadata)
+    DIR/configs/metadata_schema.json  a schema of the spec's required keys: verify_metadata offline (.metadata)
+    DIR/configs/inference.json        a folder of DICOM slices -> predictions.csv (`python -m monai.bundle run`)
+    DIR/models/model.pt               state dict of ``network_def`` (:class:`.network.BundleClassifier`)
     DIR/models/model.ts               the same network in TorchScript, metadata embedded
-    DIR/docs/README.md                the model card
+    DIR/docs/README.md                the model card (.model_card)
     DIR/LICENSE
 
 The bundle's code is medmoco's (``network_def``, the DICOM reading, the output file): a site runs
@@ -33,24 +33,7 @@ from dicom_preprocess.config import ConfigError
 
 log = logging.getLogger("medmoco.export.bundle")
 
-SCHEMA_FILE = "metadata_schema.json"
-# `verify_metadata` reads the schema from --filepath when that file exists, and downloads the
-# `schema` URL only when it does not: this relative name says where the file is in the bundle.
-SCHEMA_REF = f"configs/{SCHEMA_FILE}"
 SLICE_BATCH = 64  # slices per forward pass of a slice model (a series model takes each series whole)
-AUTHORS = "the medmoco maintainers"
-INTENDED_USE = ("Research only. Not a medical device: not for diagnosis, triage or any clinical decision, "
-                "and not validated on any site's data.")
-# What the bundle's code needs beyond MONAI, torch and numpy (the specification's
-# required_packages_version), and what only some inputs need (optional_packages_version: the
-# decoders of compressed DICOM, dicom_preprocess.decoders; RSNA's files are uncompressed). MONAI
-# 1.6's config parser still reads the second name as a deprecated spelling of the first
-# (bundle/utils.py DEPRECATED_ID_MAPPING) and warns; the specification keeps both.
-REQUIRED_PACKAGES = ("medmoco", "pydicom", "pytorch-ignite", "pandas", "numba")
-OPTIONAL_PACKAGES = ("imagecodecs", "python-gdcm", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
-                     "pylibjpeg-rle", "pyjpegls", "SimpleITK")
-META_KEYS = ("epoch", "label_fraction", "label_unit", "selected_on", "val_auc_mean", "val_score", "finetune_run_id",
-             "pretrain_run_id")
 
 
 def export_bundle(model: str, out: str, tracking_uri: str = "") -> dict:
@@ -71,6 +54,8 @@ def export_bundle(model: str, out: str, tracking_uri: str = "") -> dict:
     from medmoco.models import load_classifier
     from medmoco.registry.integrity import sha256_file
 
+    from .metadata import SCHEMA_FILE, bundle_metadata, metadata_schema
+    from .model_card import LICENSE, model_card
     from .network import bundle_network
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -129,184 +114,17 @@ def resolve_with_record(model: str, tracking_uri: str = "") -> tuple[str, dict]:
         path = resolve_model(record["model_uri"], tracking_uri)  # downloads it whole and checks every digest
     else:
         path = resolve_model(model, tracking_uri)
-        record = {"registered": False, "model_uri": model if "://" in model or ":/" in model else os.path.abspath(path),
+        uri = model if model.startswith("runs:/") else os.path.abspath(path)
+        record = {"registered": False, "model_uri": uri,
                   "note": "unregistered: no registry record, no recorded digests; the file's own sha256 identifies it"}
         if model.startswith("runs:/"):
             record["run_id"] = model[len("runs:/"):].split("/")[0]
     record["model_file_sha256"] = sha256_file(path)
     recorded = record.get("files_sha256")
     if recorded and record["model_file_sha256"] not in recorded.values():
-        raise IntegrityError(f"{record['model_uri']}: the fetched model.pt (sha256 {record['model_file_sha256'][:12]}...) "
-                             "is not among the version's recorded files; refusing to export it")
+        raise IntegrityError(f"{record['model_uri']}: the fetched model.pt (sha256 {record['model_file_sha256'][:12]}"
+                             "...) is not among the version's recorded files; refusing to export it")
     return path, record
-
-
-# --- metadata ---------------------------------------------------------------------------------
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _window_label(window: dict) -> str:
-    return f"{window['name']} window {window['center']:g}/{window['width']:g} HU (center/width)"
-
-
-def channel_names(info: dict) -> list[str]:
-    """What each input channel holds: the windows of slice s, or of slices s-k .. s+k (2.5D)."""
-    windows = [_window_label(w) for w in info["preprocess"]["windows"]]
-    context = int(info["context"])
-    if context == 0:
-        return windows
-    return [f"slice s{offset:+d}: {w}" if offset else f"slice s: {w}" for offset in range(-context, context + 1)
-            for w in windows]
-
-
-def network_data_format(info: dict) -> dict:
-    """The spec's description of ``image`` (the network's input) and ``pred`` (its output)."""
-    from dicom_preprocess import SUBTYPES
-
-    size = int(info["image_size"])
-    names = channel_names(info)
-    if len(names) != int(info["in_channels"]):
-        raise ValueError(f"model file: {info['in_channels']} input channels, but its windows and context give "
-                         f"{len(names)}")
-    batch = ("the slices of ONE series in slice order (the series head reads the sequence)" if info.get("series")
-             else "independent slices")
-    return {
-        "inputs": {"image": {
-            "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": len(names),
-            "spatial_shape": [size, size], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-            "channel_def": {str(i): name for i, name in enumerate(names)},
-            "batch_dimension": batch,
-        }},
-        "outputs": {"pred": {
-            "type": "probabilities", "format": "classes", "modality": "n/a", "num_channels": len(SUBTYPES),
-            "spatial_shape": [len(SUBTYPES)], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-            "channel_def": {str(i): name for i, name in enumerate(SUBTYPES)},
-        }},
-    }
-
-
-def bundle_version(record: dict) -> str:
-    """``N.0.0`` for registered version N; ``0.0.0+<sha256 prefix>`` for an unregistered file."""
-    if record["registered"]:
-        return f"{record['version']}.0.0"
-    return f"0.0.0+sha256.{record['model_file_sha256'][:12]}"
-
-
-def bundle_metadata(info: dict, record: dict) -> dict:
-    """``configs/metadata.json``: the spec's keys, then medmoco's (the model and its registry record)."""
-    import monai
-    import numpy
-    import torch
-
-    from medmoco.registry.candidates import source_commit
-
-    from .network import network_args
-
-    kind = "series model (GRU head over a series' slices)" if info.get("series") else "slice model"
-    windows = ", ".join(_window_label(w) for w in info["preprocess"]["windows"])
-    if record["registered"]:
-        origin = f"{record['registered_model']} version {record['version']} of the medmoco registry"
-        if record.get("promotion"):
-            p = record["promotion"]
-            origin += (f", released by {p.get('promoted_by')} on {p.get('promoted_at')} (decision: "
-                       f"{p.get('decision')})")
-    else:
-        origin = f"an unregistered model file (sha256 {record['model_file_sha256'][:12]}...)"
-    version = bundle_version(record)
-    return {
-        "schema": SCHEMA_REF,
-        "version": version,
-        "changelog": {version: f"exported from {origin}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": numpy.__version__,
-        "required_packages_version": {p: v for p in REQUIRED_PACKAGES if (v := _version(p))},
-        "medmoco_source_commit": source_commit(),
-        "optional_packages_version": {p: v for p in OPTIONAL_PACKAGES if (v := _version(p))},
-        "name": f"medmoco RSNA intracranial hemorrhage {kind}",
-        "task": "Intracranial hemorrhage subtypes on head CT slices (RSNA 2019): six multi-label probabilities",
-        "description": (
-            f"A medmoco {info['mode']} classifier ({info['arch']}, {kind}) that gives, for each axial head-CT slice, "
-            "the probability of epidural, intraparenchymal, intraventricular, subarachnoid and subdural hemorrhage "
-            f"and of any hemorrhage. Input: the slice's {windows}"
-            + (f", with {info['context']} neighbouring slice(s) on each side as channels" if int(info["context"]) else "")
-            + f", windowed to [0, 1] at {info['image_size']} px. From {origin}. The bundle's code is medmoco's: "
-            "install medmoco (required_packages_version) to run it."),
-        "authors": AUTHORS,
-        "copyright": f"Copyright (c) {AUTHORS}",
-        "intended_use": INTENDED_USE,
-        "data_source": "RSNA Intracranial Hemorrhage Detection (Kaggle 2019) or data preprocessed the same way",
-        "data_type": "dicom",
-        "references": [
-            "He K, Fan H, Wu Y, Xie S, Girshick R. Momentum Contrast for Unsupervised Visual Representation Learning. "
-            "CVPR 2020. arXiv:1911.05722",
-            "Flanders AE, et al. Construction of a Machine Learning Dataset through Collaboration: The RSNA 2019 Brain "
-            "CT Hemorrhage Challenge. Radiology: Artificial Intelligence 2020;2(3):e190211",
-        ],
-        "network_data_format": network_data_format(info),
-        "medmoco_model": {
-            "format": info["format"], "arch": info["arch"], "mode": info["mode"], "context": int(info["context"]),
-            "image_size": int(info["image_size"]), "classes": list(info["classes"]), "preprocess": info["preprocess"],
-            "series": info.get("series"), "operating_points": info.get("operating_points"),
-            "meta": {k: info["meta"][k] for k in META_KEYS if k in (info.get("meta") or {})},
-            "network_def": {"_target_": "medmoco.export.network.BundleClassifier", **network_args(info)},
-        },
-        "registry": record,
-    }
-
-
-def metadata_schema() -> dict:
-    """A JSON schema (draft 7) of the keys MONAI's bundle specification requires of metadata.json,
-    with the nine keys it requires of each input and output tensor; other keys are allowed, as
-    the specification allows them."""
-    tensor = {
-        "type": "object",
-        "required": ["type", "format", "modality", "num_channels", "spatial_shape", "dtype", "value_range",
-                     "is_patch_data", "channel_def"],
-        "properties": {
-            "type": {"type": "string", "minLength": 1},
-            "format": {"type": "string", "minLength": 1},
-            "modality": {"type": "string", "minLength": 1},
-            "num_channels": {"type": "integer", "minimum": 1},
-            "spatial_shape": {"type": "array", "items": {"anyOf": [{"type": "integer", "minimum": 1},
-                                                                   {"type": "string", "minLength": 1}]}},
-            "dtype": {"type": "string", "pattern": "^(float|int|uint|bool|complex)[0-9]*$"},
-            "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
-            "is_patch_data": {"type": "boolean"},
-            "channel_def": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[0-9]+$"},
-                            "additionalProperties": {"type": "string"}},
-        },
-    }
-    versions = {"type": "object", "additionalProperties": {"type": "string"}}
-    text = {"type": "string", "minLength": 1}
-    return {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "MONAI bundle metadata.json (the required keys of MONAI's bundle specification)",
-        "type": "object",
-        "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version",
-                     "required_packages_version", "optional_packages_version", "task", "description", "authors", "copyright",
-                     "network_data_format"],
-        "properties": {
-            "schema": text, "version": text, "monai_version": text, "pytorch_version": text, "numpy_version": text,
-            "optional_packages_version": versions, "required_packages_version": versions,
-            "task": text, "description": text, "authors": text, "copyright": text,
-            "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
-            "intended_use": text, "data_source": text, "data_type": text,
-            "references": {"type": "array", "items": {"type": "string"}},
-            "network_data_format": {
-                "type": "object", "required": ["inputs", "outputs"],
-                "properties": {"inputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor},
-                               "outputs": {"type": "object", "minProperties": 1, "additionalProperties": tensor}},
-            },
-        },
-    }
 
 
 # --- inference config -------------------------------------------------------------------------
@@ -399,129 +217,8 @@ def _save_torchscript(network, info: dict, metadata: dict, path: str) -> dict:
                                                                    else "")}
 
 
-# --- documents ----------------------------------------------------------------------------------
 
 def _write_json(path: str, value) -> None:
     with open(path, "w") as handle:
         json.dump(value, handle, indent=2)
         handle.write("\n")
-
-
-def _registry_lines(record: dict) -> list[str]:
-    if not record["registered"]:
-        lines = [f"- **Unregistered model file**: no registry record and no recorded digests.",
-                 f"- Source: `{record['model_uri']}`", f"- model.pt sha256: `{record['model_file_sha256']}`"]
-        if record.get("run_id"):
-            lines.append(f"- MLflow run: `{record['run_id']}`")
-        return lines
-    lines = [f"- Registered model `{record['registered_model']}`, version {record['version']} "
-             f"(`{record['model_uri']}`, requested as `{record['requested_uri']}`)",
-             f"- Aliases: {', '.join(record['aliases']) or 'none'}",
-             f"- model.pt sha256: `{record['model_file_sha256']}`"]
-    digests = record.get("files_sha256")
-    if digests:
-        lines.append(f"- Every registered file was checked against its recorded sha256 before export "
-                     f"({len(digests)} files; `configs/metadata.json` lists them under `registry.files_sha256`).")
-    else:
-        lines.append("- **The version has no recorded digests** (made outside medmoco): its files were not verified.")
-    promotion = record.get("promotion")
-    if promotion:
-        ci = promotion.get("delta_ci")
-        delta = (f"mean AUC difference {promotion['delta_auc_mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] against the "
-                 f"previous holder on split `{promotion.get('split')}`" if promotion.get("delta_auc_mean") is not None
-                 and ci else "no previous holder: nothing compared")
-        lines += [f"- Released as `{promotion.get('alias')}` by {promotion.get('promoted_by')} on "
-                  f"{promotion.get('promoted_at')}: {promotion.get('decision')}"
-                  + (" (**forced**: " + "; ".join(promotion.get("forced_because") or []) + f" {promotion.get('reason')})"
-                     if promotion.get("forced") else ""),
-                  f"- From candidate `{promotion['candidate']['registered_model']}` version "
-                  f"{promotion['candidate']['version']}; {delta}; margin {promotion.get('margin')}",
-                  f"- Promotion record {promotion.get('sequence')} of the release history, sha256 "
-                  f"`{record['promotion_sha256']}` (checked against the version's tag; `registry.promotion` in the metadata)"]
-    else:
-        lines.append("- Not released through a medmoco promotion (a candidate or a version without a promotion "
-                     "record): no comparison backs it.")
-    return lines
-
-
-def model_card(info: dict, metadata: dict) -> str:
-    """``docs/README.md``: task, input and preprocessing, the network, the registry record, use."""
-    from dicom_preprocess import SUBTYPES
-
-    pre = info["preprocess"]
-    series = info.get("series")
-    fmt = metadata["network_data_format"]
-    size, native = int(info["image_size"]), int(pre["size"])
-    windows = "; ".join(_window_label(w) for w in pre["windows"])
-    head = (f"a bidirectional GRU series head (hidden {series.get('hidden')}, {series.get('layers', 1)} layer(s)"
-            f"{', left-right flip averaged embeddings' if series.get('flip_tta') else ''}) over the backbone's slice "
-            "embeddings of a whole series, answering each slice in the context of its series" if series
-            else "one linear layer to six logits")
-    points = (info.get("operating_points") or {}).get("thresholds")
-    threshold_text = (", ".join(f"{c} {points[c]:.4g}" for c in SUBTYPES if c in points) if points else "none recorded")
-    ts = metadata["torchscript"]
-    return f"""# {metadata['name']}
-
-**Intended use: {INTENDED_USE}**
-
-## Task
-For each axial head-CT slice, six probabilities: {', '.join(SUBTYPES)} (multi-label, sigmoid; `any` = any
-hemorrhage). Kaggle RSNA Intracranial Hemorrhage Detection (2019) task and output format.
-
-## Input and preprocessing
-`python -m monai.bundle run` reads `dataset_dir`, a folder of DICOM slices (searched recursively), and does
-what the model's training data went through (`configs/inference.json`):
-
-1. every file is read with medmoco's reader: HU = stored value x RescaleSlope + RescaleIntercept, with the
-   RSNA 12-bit wrap fix (BitsStored 12, unsigned, intercept > -100: codes are HU modulo 4096); Modality
-   {', '.join(pre.get('modalities', ['CT']))} only; files that are not usable slices are skipped with a warning;
-2. slices are grouped by StudyInstanceUID and SeriesInstanceUID and ordered along the series
-   (ImagePositionPatient[2], ties by SOPInstanceUID){f'; each slice takes {info["context"]} neighbour(s) on each side as channels (clamped at the series ends)' if int(info['context']) else ''};
-3. windows ({pre.get('window_mode', 'linear')}): {windows}; a non-square slice is padded to square with air
-   (-1024 HU); the square is resized to {native} px (area averaging) and stored as round(255 x value), as in
-   medmoco's cache (`medmoco.transforms.dicom.EncodeDicomd`);
-4. / 255 (MONAI `ScaleIntensityRanged`){f', resized to {size} px (MONAI `Resized`, {"area" if native > size else "bilinear"})' if size != native else ''}:
-   `image` is float32 (N, {fmt['inputs']['image']['num_channels']}, {size}, {size}) in [0, 1].
-
-## Network
-`medmoco.export.network.BundleClassifier` ({info['arch']} backbone from MONAI's networks, {info['mode']};
-{head}), ending in the sigmoid: `pred` is (N, 6) probabilities.
-{'A series model: the batch is ONE series in slice order; the inference config batches series by series.' if series else 'A slice model: slices are independent.'}
-`models/model.pt` is its state dict; `models/model.ts` {'is the same network in TorchScript (checked equal on a probe at export), with metadata.json embedded' if ts['written'] else 'was not written: ' + ts['reason']}.
-Operating points chosen on validation (per-class thresholds): {threshold_text}.
-
-## Where it comes from
-{chr(10).join(_registry_lines(metadata['registry']))}
-
-## Use
-```bash
-# the bundle's code (network, DICOM reading, output) is medmoco's: install medmoco {metadata['required_packages_version'].get('medmoco', '')}
-# (commit {metadata['medmoco_source_commit'][:12]}), e.g. `pip install -e .` in a medmoco checkout, and the packages of required_packages_version
-python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath configs/{SCHEMA_FILE}
-python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file configs/inference.json
-python -m monai.bundle run --config_file configs/inference.json --bundle_root . --dataset_dir SERIES_DIR --output_dir OUT
-```
-`OUT/predictions.csv` is `ID,Label` with six rows `ID_<image>_<subtype>` per slice, the probabilities
-`medmoco predict --model ... --input SERIES_DIR` gives (within float rounding).
-
-## Limitations
-- Trained and checked on RSNA 2019 data only; nothing here says how it does on another site's scanners,
-  protocols or population.
-- Slice-level output only{'; the series head also has an exam-level output, which `medmoco predict --series-out` gives and this bundle does not' if series else ''}.
-- Compressed DICOM needs the optional decoders (`optional_packages_version`).
-
-## License
-See `LICENSE`.
-"""
-
-
-LICENSE = """The code this bundle runs (medmoco) is licensed under the Apache License, Version 2.0:
-https://www.apache.org/licenses/LICENSE-2.0
-
-The weights were trained on the RSNA Intracranial Hemorrhage Detection data (Kaggle 2019). The
-terms under which RSNA published those data govern what models trained on them may be used for:
-read them before any use beyond non-commercial research.
-
-Research only: not a medical device, not for clinical use. THE BUNDLE IS PROVIDED "AS IS", WITHOUT
-WARRANTY OF ANY KIND.
-"""

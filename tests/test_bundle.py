@@ -230,6 +230,25 @@ def _bundle_images(root: str, folder: str) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
+def test_the_datalist_orders_a_series_clamps_its_neighbours_and_skips_what_is_not_a_slice(series_dirs, tmp_path,
+                                                                                         caplog):
+    from medmoco.data.dicom_folder import series_batches, series_datalist
+
+    folder = tmp_path / "folder"
+    shutil.copytree(series_dirs["slice"], folder)
+    (folder / "notes").write_text("not a slice")  # no suffix: listed as DICOM, refused by the reader
+    items = series_datalist(str(folder), context=1)
+    assert len(items) == SERIES["slice"][1] and "notes" in caplog.text and "skipped" in caplog.text
+    assert [item["slice_index"] for item in items] == list(range(len(items)))
+    first, second, last = items[0]["image"], items[1]["image"], items[-1]["image"]  # files of s-1, s, s+1
+    assert first[0] == first[1] and first[2] == second[1] and second[0] == first[1]  # clamped at the first slice
+    assert last[2] == last[1]  # and at the last
+    assert series_batches(items) == [list(range(len(items)))]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable DICOM slice"):
+        series_datalist(str(tmp_path / "empty"))
+
+
 # --- TorchScript ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["slice", "series"])

@@ -8,7 +8,7 @@ from dicom_preprocess.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, experiment, finetune, preprocess, pretrain, register, registry, review, series
+    from . import evaluate, experiment, export, finetune, preprocess, pretrain, register, registry, review, series
 
     parser = argparse.ArgumentParser(prog="medmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
          review.add_review_arguments, review.run_review),
         ("registry", "a shared registry's roles (MLflow basic-auth): registry roles --trainers ...",
          registry.add_arguments, registry.run),
+        ("export", "a model for use outside medmoco: export bundle --model M --out DIR (a MONAI bundle)",
+         export.add_arguments, export.run),
         ("tracking-replay", "send the MLflow calls a run spooled while the server was unreachable",
          add_replay_arguments, run_replay),
         ("tracking-relocate", "point a copied or moved SQLite store's file records at its new folder",

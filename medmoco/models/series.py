@@ -14,7 +14,8 @@ their stage-1 log loss from 0.066-0.070 to 0.057). This is that stage, from torc
 Nothing mixes series of one batch (LayerNorm is per slice, the GRU runs on packed sequences, the
 pooling is masked), so a slice's prediction depends on its own series only. A series of one slice
 is a sequence of length 1. Two slices at one position are two steps of the sequence (their order
-is the cache's, by position then image id).
+is the cache's, by position then image id). The head scripts with ``torch.jit.script`` (the
+MONAI bundle's ``model.ts``, :mod:`medmoco.export.network`), so its Python stays TorchScript's.
 
 :class:`SeriesClassifier` puts the slice encoder (a :class:`~medmoco.models.classifier.Classifier`,
 whose backbone gives the embeddings) in front of the head: called on the images of one series in
@@ -51,8 +52,8 @@ class SeriesHead(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 3:
-            raise ValueError(f"series head: embeddings must be (series, slices, features), got {tuple(x.shape)}")
-        batch, steps, _ = x.shape
+            raise ValueError(f"series head: embeddings must be (series, slices, features), got {x.dim()} dimensions")
+        batch, steps = x.shape[0], x.shape[1]  # TorchScript cannot unpack a shape
         if mask is None:
             mask = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
         lengths = mask.sum(dim=1)

@@ -174,3 +174,57 @@ def release_history(name: str, tracking_uri: str = "", alias: str = "champion") 
                      else ("first holder" if t.get("comparison_run", "").startswith("none") else "?"),
                      "forced": t.get("force_reason", ""), "release run": t.get(RELEASE_RUN_TAG, "")[:8]})
     return rows, verify_history(name, tracking_uri)
+
+
+def version_provenance(spec: str, tracking_uri: str = "") -> dict:
+    """What the registry records of one ``models:/`` version, for whoever ships it (a MONAI bundle).
+
+    An alias is pinned to its version first (``model_uri``: ``models:/NAME/VERSION``), so that the
+    record and the files fetched afterwards from ``model_uri`` are of one version even if the alias
+    moves meanwhile. A released version's promotion record (``promotion.json`` of its release run)
+    is read and checked against the digest the version's tag holds and against its file digests.
+
+    Returns:
+        ``{"model_uri", "requested_uri", "registered_model", "version", "aliases", "source",
+        "run_id", "files_sha256" (None: made outside medmoco, unverified), "tags" (without the
+        digests), "promotion" (the record, None for a version that was not released through
+        medmoco), "promotion_sha256"}``.
+
+    Raises:
+        IntegrityError: the promotion record differs from its digest on the version, or lists
+            other files than the version's.
+        ConfigError: the version does not exist.
+    """
+    from medmoco.tracking import client as mlflow_client
+
+    from .integrity import IntegrityError, get_version, recorded_digests
+
+    client = mlflow_client(tracking_uri)
+    with explain_denied("read", f"model {spec}", "READ", "ask an admin for a role"):
+        version = get_version(client, spec)
+        pinned = f"models:/{version.name}/{version.version}"
+        tags = dict(version.tags or {})
+        digests = recorded_digests(version)
+        record, record_sha = None, None
+        run_id = tags.get(RELEASE_RUN_TAG)
+        if run_id:
+            with tempfile.TemporaryDirectory(prefix="medmoco-record-") as work:
+                try:
+                    record, record_sha = _read_record(client, run_id, work)
+                except Exception as err:
+                    if is_permission_denied(err):
+                        raise
+                    raise IntegrityError(f"{pinned}: its promotion record (release run {run_id}) cannot be read "
+                                         f"({str(err)[:150]})") from None
+    if run_id and record_sha != tags.get(RECORD_TAG):
+        raise IntegrityError(f"{pinned}: its promotion record (release run {run_id}) has sha256 {record_sha[:12]}..., "
+                             f"the version's tag {RECORD_TAG} says {str(tags.get(RECORD_TAG))[:12]}... (changed after "
+                             "the release); refusing to use it")
+    if record is not None and record.get("files_sha256") != digests:
+        raise IntegrityError(f"{pinned}: the files its promotion record lists differ from the version's {FILES_TAG}; "
+                             "refusing to use it")
+    return {"model_uri": pinned, "requested_uri": spec, "registered_model": version.name,
+            "version": str(version.version), "aliases": sorted(getattr(version, "aliases", None) or []),
+            "source": version.source, "run_id": version.run_id, "files_sha256": digests,
+            "tags": {k: v for k, v in sorted(tags.items()) if k != FILES_TAG},
+            "promotion": record, "promotion_sha256": record_sha}

@@ -134,4 +134,26 @@ COMMANDS = [
     ("python -c \"from mlflow.server import get_app_client as c; c('medmoco-auth', tracking_uri='$MLFLOW_TRACKING_URI')"
      ".update_user_password('alice', 'new-password')\"",
      not_run("an admin's password change on the lab server; MLflow's own call, not medmoco's")),
+    # section 6: from the registry to the hospital
+    ("medmoco export bundle --model models:/rsna-ich-moco@champion --out bundle --tracking-uri sqlite:///mlflow.db",
+     covered("tests/test_bundle.py::test_a_released_model_carries_its_verified_promotion_record")),
+    ("python -m monai.bundle verify_metadata --meta_file bundle/configs/metadata.json "
+     "--filepath bundle/configs/metadata_schema.json",
+     covered("tests/test_bundle.py::test_monai_verifies_metadata_offline_and_the_network_in_and_out")),
+    ("python -m monai.bundle verify_net_in_out network_def --meta_file bundle/configs/metadata.json "
+     "--config_file bundle/configs/inference.json",
+     covered("tests/test_bundle.py::test_monai_verifies_metadata_offline_and_the_network_in_and_out")),
+    ("python -m monai.bundle run --config_file bundle/configs/inference.json --bundle_root bundle "
+     "--dataset_dir series/ --output_dir out",
+     covered("tests/test_bundle.py::test_the_series_bundle_run_by_monai_gives_medmoco_predict_on_a_real_series")),
+    ("medmoco predict --model models:/rsna-ich-moco@champion --input study.zip --out slices.csv "
+     "--series-out series.csv --sr reports/",
+     covered("tests/test_sr.py::test_one_valid_sr_per_series_of_a_synthetic_zip")),
+    ("dciodvfy reports/*.dcm", covered("tests/test_sr.py::test_one_valid_sr_per_series_of_a_synthetic_zip")),
+    ("medmoco preprocess --input \"dicomweb+http://pacs:8042/dicom-web\" --out cache --size 256",
+     covered("tests/test_dicomweb.py::test_preprocess_from_dicomweb_equals_files")),
+    ("medmoco predict --model model.pt --input "
+     "\"dicomweb+http://pacs:8042/dicom-web?StudyInstanceUID=1.2.840.113619.2.55.3.1234\" --out predictions.csv "
+     "--series-out series.csv --sr reports/ --stow http://pacs:8042/dicom-web",
+     covered("tests/test_dicomweb.py::test_stow_stores_the_srs_of_a_prediction_from_dicomweb")),
 ]

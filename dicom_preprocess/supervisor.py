@@ -80,6 +80,8 @@ def run_in_processes(config: PreprocessConfig, pending: list, workers: int, on_c
                 if anonymous_crashes >= 3:
                     raise RuntimeError("worker processes keep dying outside any input; check the memory "
                                        "limit of the job (finished chunks are kept)")
+                log.warning("a worker process died outside any input (%d of 3 such deaths allowed); running "
+                            "the unfinished chunks again", anonymous_crashes)
             elif suspects:  # it ran alone: its current input killed (or hung) the worker
                 name = state[1]
                 if state[3]:  # past file_timeout_s: the worker ended itself

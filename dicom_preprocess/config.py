@@ -179,6 +179,11 @@ class PreprocessConfig:
     windows: list = field(default_factory=lambda: ["brain", "subdural", "bone"])
     window_mode: str = "linear"
     workers: int = 0  # 0 = the CPUs this process may use (usable_cpus)
+    # Threads per worker for a decoder that can use them (JPEG 2000: OpenJPEG decodes its
+    # code-blocks in parallel). 0 = the usable CPUs the workers leave, usable_cpus() // workers: one
+    # worker per CPU (the default) decodes single-threaded; a job with fewer workers than CPUs
+    # (--workers 1, or fewer chunks than CPUs) lets each decode use the rest.
+    decode_threads: int = 0
     files_per_shard: int = 1024
     split_fractions: dict = field(default_factory=lambda: {"unsupervised": 0.75, "train": 0.15, "val": 0.05,
                                                            "test": 0.05})
@@ -208,6 +213,8 @@ class PreprocessConfig:
             raise ConfigError(f"windows: {err}") from None
         if self.workers < 0:
             raise ConfigError(f"workers {self.workers}: must be >= 0 (0 = all cores)")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads {self.decode_threads}: must be >= 0 (0 = the CPUs the workers leave)")
         if self.files_per_shard < 1:
             raise ConfigError(f"files_per_shard {self.files_per_shard}: must be >= 1")
         if not 0.0 < self.label_fraction <= 1.0:

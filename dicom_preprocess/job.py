@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import cache as cache_io
 from .assembly import check_or_write_job, finalize_cache, job_record, merge_parts, write_errors  # noqa: F401 (API)
@@ -113,6 +113,7 @@ def run_preprocess(config: PreprocessConfig, progress: bool = True) -> JobSummar
     cached = skipped = 0
     workers = config.workers or usable_cpus()
     workers = max(1, min(workers, len(pending)))
+    config = replace(config, decode_threads=config.decode_threads or max(1, usable_cpus() // workers))
     bar = _progress(files, progress, f"preprocess ({workers} worker{'s' if workers != 1 else ''})")
     sizes = {chunk: len(chunk_sources) for chunk, chunk_sources in pending}
     state = {"skipped": 0}

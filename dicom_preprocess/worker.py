@@ -150,6 +150,7 @@ class ChunkWorker:
         from .encoding import resize_square
         from .reader import CodeMap, Slice
 
+        decoders.set_threads(self.config.decode_threads or 1)
         decoders.warm_up()
         resize_square(np.zeros((1, 3, 3)), 2)
         for side in (512, 256):

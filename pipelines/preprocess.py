@@ -5,7 +5,7 @@ import argparse
 
 from dicom_preprocess.config import PreprocessConfig, load_config, parse_overrides
 
-CLI_KEYS = ("input", "labels", "out", "size", "windows", "window_mode", "workers", "files_per_shard",
+CLI_KEYS = ("input", "labels", "out", "size", "windows", "window_mode", "workers", "decode_threads", "files_per_shard",
             "label_fraction", "seed", "shard", "hash_ids", "hash_salt", "file_timeout_s", "modalities")
 
 
@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-mode", dest="window_mode", choices=("linear", "sigmoid"))
     parser.add_argument("--workers", type=int, help="processes (default: the CPUs this process may use: "
                         "SLURM_CPUS_PER_TASK, else its CPU affinity)")
+    parser.add_argument("--decode-threads", dest="decode_threads", type=int,
+                        help="threads per worker for JPEG 2000 decoding (default: the CPUs the workers leave, "
+                        "usable CPUs // workers)")
     parser.add_argument("--files-per-shard", dest="files_per_shard", type=int)
     parser.add_argument("--label-fraction", dest="label_fraction", type=float)
     parser.add_argument("--seed", type=int)

@@ -23,7 +23,7 @@ from dicom_preprocess.reader import SkipImage, read_dicom
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 # The decoder each syntax must be decoded by where the project's requirements are installed
 # (written out, not read from DECODERS: reordering that table must fail here).
-FAST = {JPEG_LOSSLESS_SV1: "imagecodecs", JPEG_LS_LOSSLESS: "pyjpegls", JPEG_2000_LOSSLESS: "pylibjpeg-openjpeg",
+FAST = {JPEG_LOSSLESS_SV1: "imagecodecs", JPEG_LS_LOSSLESS: "pyjpegls", JPEG_2000_LOSSLESS: "imagecodecs",
         RLE_LOSSLESS: "pylibjpeg-rle"}
 SYNTAXES = list(LOSSLESS.values())
 
@@ -184,6 +184,47 @@ def test_the_job_caches_each_syntax_as_the_uncompressed_archive(compressed, tmp_
     assert cache.manifest["notes"].str.startswith("decoded by pydicom (pylibjpeg-rle: not installed)").all()
 
 
+def test_jpeg_2000_decodes_with_the_cpus_its_workers_leave(compressed, tmp_path, monkeypatch):
+    """A job with fewer workers than CPUs (--workers 1, or fewer chunks than CPUs) gives each JPEG
+    2000 decode the CPUs left over as OpenJPEG threads (imagecodecs' numthreads); one worker per CPU
+    or --decode-threads 1 decodes single-threaded; the cache is the same either way."""
+    import imagecodecs
+
+    import dicom_preprocess.job as job_module
+
+    monkeypatch.setattr(decoders, "_threads", decoders.threads())  # restored after the test
+    monkeypatch.setattr(job_module, "usable_cpus", lambda: 4)
+    real, asked = imagecodecs.jpeg2k_decode, []
+
+    def recording(data, **kwargs):  # the real decoder, with the thread count it was asked for noted
+        asked.append(kwargs.get("numthreads"))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(imagecodecs, "jpeg2k_decode", recording)
+    n_files = len(list(_pairs(compressed, JPEG_2000_LOSSLESS)))
+    _, want = _cache_by_id(_job(compressed["uncompressed"], tmp_path / "uncompressed", workers=1))
+    runs = {"one worker of 4 CPUs": ({"workers": 1}, 4), "4 workers, 1 chunk": ({"workers": 4}, 4),
+            "2 workers, 2 chunks": ({"workers": 2, "files_per_shard": (n_files + 1) // 2}, 2),
+            "--decode-threads 1": ({"workers": 1, "decode_threads": 1}, 1)}
+    for name, (settings, threads) in runs.items():
+        asked.clear()
+        out = _job(compressed[JPEG_2000_LOSSLESS], tmp_path / name.replace(" ", "_"), **settings)
+        cache, got = _cache_by_id(out)
+        if settings["workers"] == 2:  # worker processes: the spy is not there; the pixels still are
+            assert asked == [], name
+        else:
+            assert asked == [threads] * n_files, name
+        assert set(got) == set(want) and (cache.manifest["notes"] == "").all(), name
+        for image_id in want:
+            np.testing.assert_array_equal(got[image_id], want[image_id], err_msg=f"{name} {image_id}")
+
+
+def _job(folder, out, **settings):
+    run_preprocess(PreprocessConfig(input=folder, out=str(out), size=64, split_fractions={"unsupervised": 1.0},
+                                    **settings), progress=False)
+    return str(out)
+
+
 def _outcome(raw: bytes, fast: bool, monkeypatch):
     import dicom_preprocess.reader as reader
 
@@ -232,8 +273,8 @@ def test_the_fast_header_reads_compressed_files_as_pydicom_does(compressed, monk
 
 PYDICOM_COMPRESSED = {  # pydicom's bundled greyscale compressed files: (medmoco's decoder, pydicom's plugin to check)
     "MR_small_RLE.dcm": ("pylibjpeg-rle", "pydicom"), "MR_small_jpeg_ls_lossless.dcm": ("pyjpegls", "gdcm"),
-    "JPEGLSNearLossless_16.dcm": ("pyjpegls", "gdcm"), "MR_small_jp2klossless.dcm": ("pylibjpeg-openjpeg", "gdcm"),
-    "JPEG2000.dcm": ("pylibjpeg-openjpeg", "gdcm"), "J2K_pixelrep_mismatch.dcm": ("pylibjpeg-openjpeg", "gdcm"),
+    "JPEGLSNearLossless_16.dcm": ("pyjpegls", "gdcm"), "MR_small_jp2klossless.dcm": ("imagecodecs", "gdcm"),
+    "JPEG2000.dcm": ("imagecodecs", "gdcm"), "J2K_pixelrep_mismatch.dcm": ("imagecodecs", "gdcm"),
     "JPGExtended.dcm": ("pylibjpeg-libjpeg", "pylibjpeg"),  # 12-bit JPEG Extended: only libjpeg decodes it
 }
 

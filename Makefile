@@ -52,15 +52,17 @@ services:
 	else echo "not root or no apt: $(ORTHANC_PACKAGES) not installed, the DICOMweb tests will skip"; fi
 
 # The label-efficiency experiment on CPU (README section 4): data, pretraining, then the trials.
-# Each step resumes or is skipped when its output exists.
+# Each step resumes or is skipped when its output exists. `make experiment EXP=DIR` puts every
+# step's output under DIR (the configs' own paths are experiment-run/...).
 EXP := experiment-run
 experiment: venv
 	test -f $(EXP)/archive/stage_2_train.csv || $(PY) -m medmoco synth --out $(EXP)/archive --patients 100 --seed 7 --rows 128 --slices 8,12
 	$(PY) -m medmoco preprocess --config configs/preprocess/cpu_experiment.yaml --input $(EXP)/archive/stage_2_train \
 	    --labels $(EXP)/archive/stage_2_train.csv --out $(EXP)/cache --quiet
 	test -f $(EXP)/pretrain/backbone.pt || $(PY) -m medmoco pretrain --config configs/pretrain/cpu_experiment.yaml \
-	    --resume auto --tracking-uri sqlite:///$(EXP)/mlflow.db
-	$(PY) -m medmoco experiment --config configs/experiments/label_efficiency.yaml --tracking-uri sqlite:///$(EXP)/mlflow.db
+	    --cache $(EXP)/cache --run-dir $(EXP)/pretrain --resume auto --tracking-uri sqlite:///$(EXP)/mlflow.db
+	$(PY) -m medmoco experiment --config configs/experiments/label_efficiency.yaml --tracking-uri sqlite:///$(EXP)/mlflow.db \
+	    --set cache=$(EXP)/cache --set pretrained=$(EXP)/pretrain/backbone.pt --set run_dir=$(EXP)/experiment
 
 bench: venv
 	$(PY) benchmarks/preprocess.py

@@ -31,7 +31,7 @@ SHORT_PRETRAIN = "--set epochs=1 --set max_iters_per_epoch=2 --set knn_every=0 -
 SHORT_FINETUNE = "--set epochs=1 --set max_iters_per_epoch=2 --set workers=0"
 
 COMMANDS = [
-    ("make demo", not_run("about 3 minutes on 2 cores: run it by hand; its stages are the commands below, run here")),
+    ("make demo", not_run("about 2 minutes on 2 cores: run it by hand; its stages are the commands below, run here")),
     ("make test", not_run("it is this test suite")),
     ("medmoco synth --out data/synth --patients 20 --seed 0",
      run("medmoco synth --out data/synth --patients 6 --seed 0")),

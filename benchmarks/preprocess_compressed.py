@@ -30,6 +30,7 @@ time and in CPU time (CPU ms move less with the other tenants of a shared machin
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -101,21 +102,17 @@ def bare_loops(paths: list[str], syntax: str) -> dict:
     if codec and decoders.installed("imagecodecs"):  # no DICOM reader of its own: pydicom finds the frame
         import imagecodecs
 
-        def imagecodecs_file(path, decode=getattr(imagecodecs, codec)):
+        def imagecodecs_file(path, decode=getattr(imagecodecs, codec), **options):
             ds = pydicom.dcmread(path)
-            return decode(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1))
+            return decode(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1), **options)
 
         loops[f"imagecodecs: dcmread(path) + {codec}(frame)"] = (imagecodecs_file, paths)
         if codec == "jpeg2k_decode" and usable_cpus() > 1:
             # OpenJPEG decodes a frame's code-blocks on several threads: the bare loop that uses all
             # of this machine's CPUs (gdcm's ImageReader does as well, on its own)
             threads = usable_cpus()
-
-            def imagecodecs_threads(path, decode=imagecodecs.jpeg2k_decode):
-                ds = pydicom.dcmread(path)
-                return decode(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1), numthreads=threads)
-
-            loops[f"imagecodecs, {threads} threads: dcmread(path) + {codec}(frame)"] = (imagecodecs_threads, paths)
+            loops[f"imagecodecs, {threads} threads: dcmread(path) + {codec}(frame)"] = \
+                (functools.partial(imagecodecs_file, numthreads=threads), paths)
     loops["SimpleITK: ReadImage(path)"] = (lambda p: sitk.GetArrayFromImage(sitk.ReadImage(p)), paths)
     frames = []
     for path in paths:

@@ -160,11 +160,6 @@ def set_threads(count: int) -> None:
     _threads = int(count)
 
 
-def threads() -> int:
-    """The threads each decode may use in this process (:func:`set_threads`)."""
-    return _threads
-
-
 def installed(name: str) -> bool:
     """Whether a decoder of :data:`DECODERS` can run here (its library imports)."""
     return all(_module(m) is not None for m in _MODULES[name])
@@ -236,10 +231,9 @@ def _imagecodecs(frame: bytes, info: FrameInfo) -> np.ndarray:
     imagecodecs = _require("imagecodecs")
     if info.transfer_syntax not in _IMAGECODECS:
         raise _Unusable("not for this transfer syntax")
-    function = getattr(imagecodecs, _IMAGECODECS[info.transfer_syntax])
-    if function is getattr(imagecodecs, "jpeg2k_decode", None):
-        return _array_words(function(frame, numthreads=_threads), info)
-    return _array_words(function(frame), info)
+    name = _IMAGECODECS[info.transfer_syntax]
+    options = {"numthreads": _threads} if name == "jpeg2k_decode" else {}
+    return _array_words(getattr(imagecodecs, name)(frame, **options), info)
 
 
 def _pyjpegls(frame: bytes, info: FrameInfo) -> np.ndarray:
